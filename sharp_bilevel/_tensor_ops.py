@@ -1,0 +1,57 @@
+"""Reductions over a set of tensors, whole-set or per sample.
+
+Every perturbation rule needs sums such as ``<a, b> = sum_k sum(a_k * b_k)`` over the perturbed
+tensors. Two scopes exist:
+
+* whole set (``per_sample=False``): one scalar shared by every tensor;
+* per sample (``per_sample=True``): the leading dimension of each tensor indexes samples (one
+  synthetic image), and each sample gets its own sum, returned with shape ``[n, 1, ..., 1]`` so it
+  broadcasts against that tensor. A 0-d tensor is one sample.
+
+Functions return one broadcastable tensor per input tensor, so callers can write
+``[rho * g / (n + XI) for g, n in zip(grads, norms)]`` for either scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: Denominator guard used by every built-in rule (DESIGN.md section 4).
+XI = 1e-12
+
+
+def _sample_sum(t: Tensor) -> Tensor:
+    if t.dim() == 0:
+        return t
+    return t.reshape(t.shape[0], -1).sum(dim=1).reshape((t.shape[0],) + (1,) * (t.dim() - 1))
+
+
+def reduce_sum(tensors: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
+    """Sum of all elements of the set (or of each sample), one broadcastable result per tensor."""
+    if per_sample:
+        return [_sample_sum(t) for t in tensors]
+    if not tensors:
+        return []
+    total = torch.stack([t.sum() for t in tensors]).sum()
+    return [total] * len(tensors)
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
+    """Inner product ``<a, b>`` over the set (or per sample)."""
+    return reduce_sum([x * y for x, y in zip(a, b, strict=True)], per_sample)
+
+
+def norm(a: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
+    """Euclidean norm ``||a||_2`` over the set (or per sample)."""
+    return [s.sqrt() for s in dot(a, a, per_sample)]
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when every element of every tensor is finite (one host sync)."""
+    if not tensors:
+        return True
+    device = tensors[0].device
+    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())

@@ -1,0 +1,494 @@
+"""``SharpBilevelOptimizer``: a sharpness-aware wrapper around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .context import ASCENT, DESCENT, Phase, StepContext, StepReport
+from .errors import NonFiniteError
+from .perturbations.base import PerturbationRule, RuleState
+from .perturbations.registry import get_perturbation, rule_parameters
+from .smoothing import smoothing_noise
+
+Closure = Callable[..., Any]
+_STATE_KEY = "sharp_bilevel"
+_NONFINITE_POLICIES = ("raise", "skip")
+
+
+class SharpBilevelOptimizer(torch.optim.Optimizer):
+    r"""Sharpness-aware minimisation of an outer objective ``F(phi)``, wrapping a base optimizer.
+
+    One ``step(closure)`` does, with ``phi`` the parameters of the groups with ``perturb=True``:
+
+    1. ``g = grad F(phi)``: first closure call (at ``phi + Delta`` when ``smooth > 0``; ``Delta``
+       is removed afterwards);
+    2. ``eps = rule.ascent(phi, g)``; ``phi <- phi + eps``;
+    3. ``g' = grad F(phi + eps)``: second closure call;
+    4. ``phi`` is restored to its saved pre-step values (bit-exact, not ``phi - eps``);
+    5. ``d = rule.descent(g, g')`` (``g'`` except for GSAM) is written into ``phi.grad``;
+       parameters of ``perturb=False`` groups keep the gradient of the second call;
+    6. the base optimizer steps. The loss of the first call is returned.
+
+    With ``perturbation="none"`` the closure is called once and the base optimizer steps on
+    ``g``: the unperturbed baseline through the same class.
+
+    Whatever happens (the closure raises, a non-finite loss or gradient, a ``skip_if`` gate, a
+    zero gradient), the parameters end either exactly at their pre-step values or at the stepped
+    values; never perturbed.
+
+    Args:
+        params: tensors or param groups, as for any ``torch.optim`` optimizer. A group may set
+            ``perturb=False`` (a learnable inner learning rate, soft labels): it is stepped but
+            never perturbed. May be None when ``base_optimizer`` is an instance.
+        base_optimizer: a ``torch.optim.Optimizer`` subclass (built on these param groups with
+            the remaining keyword arguments) or an already-built instance.
+        perturbation: a registered rule name (``"none"``, ``"sam"``, ``"asam"``, ``"gsam"``,
+            ``"vasso"``, ``"ssam"``, aliases, user rules; case-insensitive) or a
+            ``PerturbationRule`` instance.
+        rho: the rule's radius (the rule's default when None).
+        smooth: relative size ``gamma >= 0`` of SATM's smoothing noise before the ascent call
+            (``Delta_j = gamma ||phi_j|| / sqrt(d_j) z`` per sample); None takes the rule's
+            default (``gamma`` for ``"ssam"``, 0 otherwise).
+        nonfinite: ``"raise"`` (default: raise ``NonFiniteError``) or ``"skip"`` (skip the step
+            and count it in ``skipped_steps``) when a loss or gradient is NaN or infinite.
+        seed: seed of the optimizer's own noise generator (drawn from torch's global generator
+            at construction when None and smoothing is on).
+        closure_options: read-only settings passed to one-argument closures as ``ctx.options``.
+        perturbation_kwargs: rule hyperparameters given explicitly.
+        **kwargs: hyperparameters of the rule (any name the rule has, e.g. ``eta``, ``alpha``,
+            ``theta``, ``per_sample``) and the base optimizer's keyword arguments (``lr``,
+            ``momentum``, ...).
+
+    Examples:
+        >>> import torch
+        >>> from sharp_bilevel import SharpBilevelOptimizer
+        >>> phi = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = SharpBilevelOptimizer([phi], perturbation="sam", rho=0.05, lr=0.1)
+        >>> def closure():
+        ...     loss = (phi ** 2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> float(opt.step(closure))
+        5.0
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None = None,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.SGD,
+        perturbation: str | PerturbationRule = "sam",
+        rho: float | None = None,
+        *,
+        smooth: float | None = None,
+        nonfinite: str = "raise",
+        seed: int | None = None,
+        closure_options: Mapping[str, Any] | None = None,
+        perturbation_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        rule_kwargs, base_kwargs = _split_kwargs(perturbation, base_optimizer, kwargs)
+        rule_kwargs.update(perturbation_kwargs or {})
+        if rho is not None:
+            rule_kwargs["rho"] = rho
+        self.perturbation: PerturbationRule = get_perturbation(perturbation, **rule_kwargs)
+
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        gamma = self.perturbation.default_smooth if smooth is None else smooth
+        if not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"smooth must be a finite number >= 0, got {smooth!r}")
+        self.smooth = float(gamma)
+
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise ValueError(
+                    f"keyword arguments {sorted(base_kwargs)} were given with an already-built "
+                    "base_optimizer; set them on it instead"
+                )
+            groups = _adopt_groups(base_optimizer, params)
+            super().__init__(groups, {"perturb": True})
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            if params is None:
+                raise ValueError("params is required when base_optimizer is a class")
+            super().__init__(params, {"perturb": True})
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                f"got {base_optimizer!r}"
+            )
+        self._link_base()
+        if self.perturbation.two_pass and not self._perturbed_params():
+            raise ValueError(
+                f"perturbation {type(self.perturbation).__name__} needs at least one param group "
+                "with perturb=True"
+            )
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if self.smooth > 0 else 0
+        self._noise_generator = torch.Generator(device="cpu")
+        self._noise_generator.manual_seed(seed)
+        self.closure_options: Mapping[str, Any] = MappingProxyType(dict(closure_options or {}))
+        self._rule_state: RuleState = self.perturbation.init(self._perturbed_params())
+        self.steps_taken = 0
+        self.skipped_steps: dict[str, int] = {"nonfinite": 0, "gate": 0}
+        self.last_step: StepReport | None = None
+
+    # ------------------------------------------------------------------ param groups
+    def _link_base(self) -> None:
+        """Share param groups and state with the base optimizer (schedulers edit either)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = {**self.base_optimizer.defaults, "perturb": True}
+        for group in self.param_groups:
+            group.setdefault("perturb", True)
+            if not isinstance(group["perturb"], bool):
+                raise ValueError(
+                    f"a param group's perturb must be True or False, got {group['perturb']!r}"
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``perturb`` defaults to True); the base optimizer gets it too."""
+        if not hasattr(self, "base_optimizer"):
+            super().add_param_group(param_group)
+            return
+        param_group.setdefault("perturb", True)
+        self.base_optimizer.add_param_group(param_group)
+        self._link_base()
+        if param_group["perturb"]:
+            self._rule_state = self.perturbation.init(self._perturbed_params())
+
+    def _perturbed_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups if g["perturb"] for p in g["params"]]
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _rule_lr(self) -> float:
+        for group in self.param_groups:
+            if group["perturb"] and "lr" in group:
+                return float(group["lr"])
+        return 0.0
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, closure: Closure | None = None, *, skip_if: Callable[[Any], bool] | None = None
+    ) -> Any:
+        """One sharpness-aware step; returns the first closure call's loss.
+
+        Args:
+            closure: recomputes the outer loss, fills ``.grad`` (``backward()`` or assignment)
+                and returns the loss. It may take no argument or one ``StepContext``.
+                Gradients are cleared before each call. Only ``perturbation="none"`` without
+                smoothing may omit it (the gradients already in ``.grad`` are used).
+            skip_if: a gate on the first call's loss (e.g. DATM's ``lambda l: l > threshold``);
+                when it returns True the step is skipped with nothing perturbed left behind and
+                counted in ``skipped_steps["gate"]``.
+        """
+        perturbed = self._perturbed_params()
+        everything = self._all_params()
+        if closure is None:
+            if self.perturbation.two_pass or self.smooth > 0:
+                raise ValueError(
+                    "step() needs a closure: the perturbation evaluates the objective twice"
+                )
+            return self._finish_single_pass(None, perturbed, everything, skip_if)
+
+        saved = [p.detach().clone() for p in perturbed]
+        scratch: dict[str, Any] = {}
+        stepped = False
+        try:
+            if self.smooth > 0:
+                noise = smoothing_noise(perturbed, self.smooth, self._noise_generator)
+                with torch.no_grad():
+                    torch._foreach_add_(perturbed, noise)
+            loss = self._call(closure, ASCENT, scratch, everything)
+            if self.smooth > 0:
+                _copy_into(perturbed, saved)
+            if not self.perturbation.two_pass:
+                result = self._finish_single_pass(loss, perturbed, everything, skip_if)
+                stepped = self.last_step is not None and self.last_step.skipped is None
+                return result
+
+            grads = _grads_or_zeros(perturbed)
+            had_grad = [p.grad is not None for p in perturbed]
+            loss_value, grad_norm, problem = _inspect(loss, grads, everything)
+            if problem:
+                return self._skip_nonfinite(
+                    loss, loss_value, grad_norm, f"{problem} in the ascent pass"
+                )
+            if skip_if is not None and skip_if(loss):
+                return self._skip(loss, loss_value, grad_norm, "gate")
+
+            eps, new_state = self.perturbation.ascent(
+                [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
+            )
+            with torch.no_grad():
+                torch._foreach_add_(perturbed, eps)
+            perturbed_loss = self._call(closure, DESCENT, scratch, everything)
+            _copy_into(perturbed, saved)
+
+            grads_adv = _grads_or_zeros(perturbed)
+            adv_value, _, problem = _inspect(perturbed_loss, grads_adv, everything)
+            if problem:
+                return self._skip_nonfinite(
+                    loss, loss_value, grad_norm, f"{problem} in the descent pass"
+                )
+            direction = self.perturbation.descent(grads, grads_adv, new_state)
+            for p, d, had in zip(perturbed, direction, had_grad, strict=True):
+                p.grad = d if (had or p.grad is not None) else None
+
+            self.base_optimizer.step()
+            stepped = True
+            self._rule_state = new_state
+            self.steps_taken += 1
+            self.last_step = StepReport(loss_value, adv_value, grad_norm)
+            return loss
+        finally:
+            if not stepped:
+                _copy_into(perturbed, saved)
+
+    def _call(
+        self, closure: Closure, phase: Phase, scratch: dict[str, Any], params: list[Tensor]
+    ) -> Any:
+        for p in params:
+            p.grad = None
+        context = StepContext(
+            phase=phase,
+            step=self.steps_taken,
+            two_pass=self.perturbation.two_pass,
+            smoothed=self.smooth > 0,
+            scratch=scratch,
+            options=self.closure_options,
+        )
+        with torch.enable_grad():
+            loss = closure(context) if _takes_context(closure) else closure()
+        if loss is None:
+            raise TypeError(
+                "the closure must return the loss (a scalar tensor or a number), got None"
+            )
+        return loss
+
+    def _finish_single_pass(
+        self,
+        loss: Any,
+        perturbed: list[Tensor],
+        everything: list[Tensor],
+        skip_if: Callable[[Any], bool] | None,
+    ) -> Any:
+        grads = _grads_or_zeros(perturbed)
+        loss_value, grad_norm, problem = _inspect(loss, grads, everything)
+        if problem:
+            return self._skip_nonfinite(loss, loss_value, grad_norm, problem)
+        if skip_if is not None and skip_if(loss):
+            return self._skip(loss, loss_value, grad_norm, "gate")
+        self.base_optimizer.step()
+        self.steps_taken += 1
+        self.last_step = StepReport(loss_value, None, grad_norm)
+        return loss
+
+    def _skip(self, loss: Any, loss_value: float, grad_norm: float, reason: str) -> Any:
+        for p in self._all_params():
+            p.grad = None
+        self.skipped_steps[reason] += 1
+        self.last_step = StepReport(loss_value, None, grad_norm, skipped=reason)
+        return loss
+
+    def _skip_nonfinite(self, loss: Any, loss_value: float, grad_norm: float, what: str) -> Any:
+        if self.nonfinite == "raise":
+            for p in self._all_params():
+                p.grad = None
+            raise NonFiniteError(
+                f"{what} at step {self.steps_taken}; the parameters were restored to their "
+                "pre-step values (pass nonfinite='skip' to skip such steps instead)"
+            )
+        return self._skip(loss, loss_value, grad_norm, "nonfinite")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus the rule state, noise RNG and step counters."""
+        state = self.base_optimizer.state_dict()
+        state[_STATE_KEY] = {
+            "perturbation": type(self.perturbation).__name__,
+            "rule_state": _clone_state(self._rule_state),
+            "noise_rng": self._noise_generator.get_state(),
+            "steps_taken": self.steps_taken,
+            "skipped_steps": dict(self.skipped_steps),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; continuing is bit-identical to an uninterrupted run."""
+        if _STATE_KEY not in state_dict:
+            raise ValueError(
+                "state_dict has no 'sharp_bilevel' entry: it was not saved by SharpBilevelOptimizer"
+            )
+        extra = state_dict[_STATE_KEY]
+        expected = type(self.perturbation).__name__
+        if extra["perturbation"] != expected:
+            raise ValueError(
+                f"state_dict was saved with perturbation {extra['perturbation']}, "
+                f"this optimizer uses {expected}"
+            )
+        self.base_optimizer.load_state_dict(
+            {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        )
+        self._link_base()
+        self._rule_state = _state_like(extra["rule_state"], self._perturbed_params())
+        self._noise_generator.set_state(extra["noise_rng"].clone())
+        self.steps_taken = int(extra["steps_taken"])
+        self.skipped_steps = dict(extra["skipped_steps"])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(perturbation={self.perturbation!r}, smooth={self.smooth}, "
+            f"base_optimizer={type(self.base_optimizer).__name__}, "
+            f"groups={len(self.param_groups)})"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _split_kwargs(
+    perturbation: str | PerturbationRule,
+    base_optimizer: Any,
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route keyword arguments: the rule's hyperparameters to the rule, the rest to the base."""
+    if not isinstance(perturbation, str):
+        return {}, dict(kwargs)
+    rule_names = rule_parameters(perturbation)
+    base_names: set[str] = set()
+    if isinstance(base_optimizer, type):
+        base_names = set(inspect.signature(base_optimizer).parameters)
+    rule_kwargs: dict[str, Any] = {}
+    base_kwargs: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in rule_names and name in base_names:
+            raise ValueError(
+                f"{name!r} is both a hyperparameter of perturbation {perturbation!r} and an "
+                f"argument of {base_optimizer.__name__}; pass it in perturbation_kwargs or build "
+                "the base optimizer yourself"
+            )
+        (rule_kwargs if name in rule_names else base_kwargs)[name] = value
+    return rule_kwargs, base_kwargs
+
+
+def _adopt_groups(
+    base: torch.optim.Optimizer, params: Iterable[Any] | None
+) -> list[dict[str, Any]]:
+    """Take a built optimizer's groups; ``params`` (if given) must hold the same tensors and
+    may carry ``perturb`` flags for them."""
+    if params is not None:
+        given = list(params)
+        groups = given if given and isinstance(given[0], dict) else [{"params": given}]
+        flags: dict[int, bool] = {}
+        for group in groups:
+            tensors = (
+                [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+            )
+            for t in tensors:
+                flags[id(t)] = bool(group.get("perturb", True))
+        owned = {id(p) for g in base.param_groups for p in g["params"]}
+        if set(flags) != owned:
+            raise ValueError(
+                "params must hold exactly the tensors of the given base_optimizer instance"
+            )
+        for base_group in base.param_groups:
+            values = {flags[id(p)] for p in base_group["params"]}
+            if len(values) > 1:
+                raise ValueError(
+                    "tensors of one base_optimizer param group need the same perturb flag"
+                )
+            base_group["perturb"] = values.pop() if values else True
+    return base.param_groups
+
+
+def _takes_context(closure: Closure) -> bool:
+    try:
+        signature = inspect.signature(closure)
+    except (TypeError, ValueError):
+        return False
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    return any(p.kind in positional for p in signature.parameters.values())
+
+
+def _grads_or_zeros(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _copy_into(params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+
+
+def _inspect(
+    loss: Any, grads: Sequence[Tensor], everything: Sequence[Tensor]
+) -> tuple[float, float, str]:
+    """Loss value, ``||g||_2`` and a description of any non-finite value ("" if none), one sync."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the closure must return a scalar loss, got shape {tuple(loss.shape)}"
+            )
+        loss_t = loss.detach().reshape(()).to(torch.float64)
+    else:
+        loss_t = torch.tensor(float(loss), dtype=torch.float64)
+    device = loss_t.device
+    all_grads = [p.grad for p in everything if p.grad is not None]
+    grads_ok = [torch.isfinite(g).all().to(device) for g in all_grads]
+    sq = [g.to(torch.float64).square().sum().to(device) for g in grads]
+    summary = torch.stack(
+        [
+            loss_t,
+            torch.stack(grads_ok).all().to(torch.float64) if grads_ok else loss_t.new_ones(()),
+            torch.stack(sq).sum() if sq else loss_t.new_zeros(()),
+        ]
+    ).tolist()
+    loss_value, grads_finite, sq_norm = summary
+    if not math.isfinite(loss_value):
+        return (
+            loss_value,
+            math.sqrt(sq_norm) if math.isfinite(sq_norm) else sq_norm,
+            "non-finite loss",
+        )
+    if grads_finite != 1.0:
+        return loss_value, float("nan"), "non-finite gradient"
+    return loss_value, math.sqrt(sq_norm), ""
+
+
+def _clone_state(state: RuleState) -> RuleState:
+    out: RuleState = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            out[key] = value.detach().clone()
+        elif isinstance(value, list | tuple):
+            out[key] = [v.detach().clone() if isinstance(v, Tensor) else v for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def _state_like(state: RuleState, params: Sequence[Tensor]) -> RuleState:
+    """Clone a saved rule state onto the devices/dtypes of the perturbed parameters."""
+    out = _clone_state(state)
+    for key, value in out.items():
+        if isinstance(value, list) and len(value) == len(params):
+            out[key] = [
+                v.to(p.device, p.dtype) if isinstance(v, Tensor) else v
+                for v, p in zip(value, params, strict=True)
+            ]
+    return out

@@ -1,0 +1,42 @@
+"""Perturbation rules: one module per rule, and the name registry.
+
+==========  ==========================================================  ===================
+name        ascent ``eps``                                               descent
+==========  ==========================================================  ===================
+``none``    no second pass                                               ``g``
+``sam``     ``rho g / (||g|| + xi)``                                     ``g'``
+``asam``    ``rho T^2 g / (||T g|| + xi)``, ``T = |phi| + eta``          ``g'``
+``gsam``    as SAM, optional rho schedule                                ``g' - alpha g_perp``
+``vasso``   ``rho d / (||d|| + xi)``, ``d <- (1-theta) d + theta g``     ``g'``
+``ssam``    SAM, gradient taken at ``phi + Delta`` (SATM smoothing)      ``g'``
+==========  ==========================================================  ===================
+"""
+
+from .asam import ASAM
+from .base import PerturbationRule, RuleState
+from .gsam import GSAM
+from .none import NoPerturbation
+from .registry import (
+    available_perturbations,
+    get_perturbation,
+    register_perturbation,
+    rule_parameters,
+)
+from .sam import SAM
+from .smoothed import SmoothedSAM
+from .vasso import VaSSO
+
+__all__ = [
+    "ASAM",
+    "GSAM",
+    "SAM",
+    "NoPerturbation",
+    "PerturbationRule",
+    "RuleState",
+    "SmoothedSAM",
+    "VaSSO",
+    "available_perturbations",
+    "get_perturbation",
+    "register_perturbation",
+    "rule_parameters",
+]

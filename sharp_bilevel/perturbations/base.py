@@ -1,0 +1,91 @@
+"""The contract every perturbation rule follows.
+
+A rule is a small frozen dataclass: validated hyperparameters as fields, explicit state, and two
+pure functions. It never touches ``.grad`` or the parameters: the optimizer perturbs, restores and
+steps. With ``phi`` the perturbed tensors and ``g`` the gradient of the outer objective at ``phi``:
+
+* ``init(params) -> state``: the state before the first step (a dict of tensors / lists of tensors);
+* ``ascent(params, grads, state, lr) -> (eps, new_state)``: the perturbation ``eps`` added to
+  ``phi`` before the second closure call; ``lr`` is the learning rate of the first perturbed
+  parameter group this step (for schedules such as GSAM's);
+* ``descent(grads, grads_adv, state) -> d``: the update direction handed to the base optimizer,
+  from ``g`` and ``g' = grad F(phi + eps)``; the default is ``d = g'`` (SAM and most variants).
+
+The optimizer commits ``new_state`` only when the step is taken, so a skipped step (non-finite
+values, a gate) leaves the rule state as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+#: A rule's state: names mapped to tensors, lists of tensors (aligned with the perturbed
+#: parameters) or plain numbers. It is saved in the optimizer's ``state_dict``.
+RuleState = dict[str, Any]
+
+
+class PerturbationRule:
+    """Base class of perturbation rules (subclass it as a ``@dataclass(frozen=True)``)."""
+
+    #: Rules whose ``two_pass`` is False ("none") make the optimizer call the closure once.
+    two_pass: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the argument and its allowed range for bad values."""
+
+    @property
+    def default_smooth(self) -> float:
+        """Relative smoothing noise size ``gamma`` used when the optimizer is given none."""
+        return 0.0
+
+    def init(self, params: Sequence[Tensor]) -> RuleState:
+        """State before the first step (empty by default)."""
+        return {}
+
+    def ascent(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], state: RuleState, lr: float
+    ) -> tuple[list[Tensor], RuleState]:
+        """Return ``(eps, new_state)``: one perturbation tensor per parameter."""
+        raise NotImplementedError(f"{type(self).__name__} must implement ascent()")
+
+    def descent(
+        self, grads: Sequence[Tensor], grads_adv: Sequence[Tensor], state: RuleState
+    ) -> list[Tensor]:
+        """Update direction from ``g`` and ``g'``; ``g'`` itself by default."""
+        return list(grads_adv)
+
+
+def check_positive(name: str, value: float) -> None:
+    """``value`` must be a finite number > 0."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """``value`` must be a finite number >= 0."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_interval(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False
+) -> None:
+    """``value`` must lie in ``[low, high]`` (or ``(low, high]`` when ``low_open``)."""
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """``value`` must be a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
