@@ -1,0 +1,148 @@
+r"""The inner unroll with truncation (TUH) and a restart point (TR).
+
+Inner step ``i`` (MTT, all four repositories): with the plan's minibatch ``B_i`` and augmentation
+``A_i``,
+
+.. math::
+    g_i = \nabla_w \mathrm{CE}(f(A_i(x_{B_i}); w_i), y_{B_i}), \qquad
+    w_{i+1} = w_i + \alpha\, u_i \quad (u_i = -g_i \text{ for SGD}).
+
+* **TUH** (SATM Eq. 8): steps ``i < graph_from`` (``iota``) run without graph (their ``w_i``
+  detached), so the hypergradient flows through steps ``iota..N-1`` only and the saved activations
+  are ``O(P (N - iota))``. ``graph_from = 0`` is exact BPTT (MTT).
+* **TR** (SATM Eq. 9): ``record_at = tau`` saves ``w_tau`` (detached) and the inner optimizer's
+  state; a second call with ``start=w_tau, start_step=tau`` runs steps ``tau..N-1`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .inner import InnerOptimizer, PlainSGD, detach_state
+from .step_plan import Augmentation, StepPlan
+from .student import FunctionalStudent
+
+
+@dataclass
+class UnrollResult:
+    """What one unroll produced.
+
+    Attributes:
+        final: ``w_N``, with graph through the steps run with graph.
+        direction_sum: ``sum u_i`` over the steps this call ran (detached).
+        recorded: ``w_tau`` (detached) when ``record_at`` was given, else None.
+        recorded_state: the inner optimizer's state at ``tau`` (detached).
+        direction_sum_before: ``sum_{i < tau} u_i`` (detached) when recording.
+    """
+
+    final: Tensor
+    direction_sum: Tensor
+    recorded: Tensor | None = None
+    recorded_state: Any = None
+    direction_sum_before: Tensor | None = None
+
+
+def inner_loss(logits: Tensor, targets: Tensor, soft: bool) -> Tensor:
+    """Cross-entropy; with ``soft`` the targets are logits and the loss is
+    ``-mean_b sum_c softmax(targets)_bc log softmax(logits)_bc`` (DATM's soft labels)."""
+    if soft:
+        return F.cross_entropy(logits, torch.softmax(targets, dim=1))
+    return F.cross_entropy(logits, targets)
+
+
+def unroll(
+    student: FunctionalStudent,
+    start: Tensor,
+    images: Tensor,
+    targets: Tensor,
+    syn_lr: Tensor,
+    plan: StepPlan,
+    *,
+    soft_targets: bool = False,
+    augmentation: Augmentation | None = None,
+    graph_from: int = 0,
+    start_step: int = 0,
+    start_state: Any = None,
+    record_at: int | None = None,
+    lr_in_graph: bool = True,
+    inner: InnerOptimizer | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> UnrollResult:
+    """Run inner steps ``start_step..N-1`` of ``plan`` from ``start``.
+
+    Args:
+        student: the network driven by a flat vector.
+        start: ``w`` at ``start_step`` (``[P]``; detached here).
+        images: synthetic images ``[n, C, H, W]`` (read now: perturbed values are seen).
+        targets: hard labels ``[n]`` or, with ``soft_targets``, label logits ``[n, classes]``.
+        syn_lr: the learnable rate ``alpha`` (0-d).
+        plan: minibatch indices and augmentation draws per step.
+        augmentation: applies the plan's draws (None: no augmentation).
+        graph_from: ``iota``; steps before it run without graph.
+        start_step: first step to run (``tau`` for a TR restart).
+        start_state: the inner optimizer's state at ``start_step`` (None: fresh).
+        record_at: ``tau``; record ``w_tau`` before running step ``tau``.
+        lr_in_graph: False keeps ``alpha`` out of the graph (first-order lr learning).
+        inner: the inner optimizer (MTT's plain SGD by default).
+        loss_fn: ``loss_fn(outputs, targets)`` replaces the (soft) cross-entropy, e.g. a squared
+            error for regression.
+    """
+    inner = PlainSGD() if inner is None else inner
+    n_steps = plan.num_steps
+    if not 0 <= start_step < n_steps:
+        raise ValueError(f"start_step must be in [0, {n_steps}), got {start_step}")
+    if record_at is not None and not start_step <= record_at < n_steps:
+        raise ValueError(f"record_at must be in [{start_step}, {n_steps}), got {record_at}")
+    buffers = student.fresh_buffers()
+    w = start.detach().requires_grad_(True)
+    state = inner.init(w) if start_state is None else start_state
+    direction_sum = torch.zeros_like(w, requires_grad=False)
+    result = UnrollResult(final=w, direction_sum=direction_sum)
+    for i in range(start_step, n_steps):
+        if i == record_at:
+            result.recorded = w.detach().clone()
+            result.recorded_state = detach_state(state)
+            result.direction_sum_before = direction_sum.clone()
+        graph = i >= graph_from
+        if not graph or i == graph_from:
+            # A fresh leaf: steps before iota leave no graph behind.
+            w = w.detach().requires_grad_(True)
+            state = detach_state(state)
+        idx = plan.indices[i].to(images.device)
+        x = images[idx] if graph else images.detach()[idx]
+        draw = plan.draws[i]
+        if augmentation is not None and draw is not None:
+            x = augmentation.apply(x, draw)
+        y = targets[idx.to(targets.device)]
+        if not graph:
+            y = y.detach()
+        outputs = student(x, w, buffers)
+        loss = inner_loss(outputs, y, soft_targets) if loss_fn is None else loss_fn(outputs, y)
+        (grad,) = torch.autograd.grad(loss, w, create_graph=graph)
+        u, state = inner.direction(grad, state, w)
+        direction_sum += u.detach()
+        lr = syn_lr if (graph and lr_in_graph) else syn_lr.detach()
+        w = w + lr * u
+        if not graph:
+            w = w.detach()
+    result.final = w
+    result.direction_sum = direction_sum
+    return result
+
+
+def matching_loss(final: Tensor, target: Tensor, start: Tensor) -> Tensor:
+    r"""MTT's normalised parameter distance (paper Eq. 1):
+    ``||w_N - w*_{t+M}||^2 / ||w*_t - w*_{t+M}||^2`` (the denominator a constant)."""
+    denominator = (start.detach() - target.detach()).square().sum()
+    if not bool(denominator > 0):
+        raise ValueError(
+            "the expert start and target parameters are identical: the matching loss is undefined "
+            "(choose expert_epochs >= 1 on a trajectory that moves)"
+        )
+    return (final - target.detach()).square().sum() / denominator
