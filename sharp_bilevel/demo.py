@@ -100,11 +100,11 @@ def distil(
     for _ in range(iterations):
         batch = torch.randperm(len(data.y_train), generator=gen)[:256]
 
-        def closure() -> Tensor:
+        def closure(*, batch: Tensor = batch) -> Tensor:
             w = train_linear(images, labels, log_lr.exp(), inner_steps, 10)
             features = torch.cat([data.x_train[batch], torch.ones(len(batch), 1).double()], 1)
             loss = F.cross_entropy(features @ w, data.y_train[batch])
-            loss.backward()
+            torch.autograd.backward(loss)
             return loss
 
         opt.step(closure)
@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_real, y_real = random_real(data, 1, args.seed)
     baseline_lr = torch.tensor(1.0, dtype=torch.float64)
     w = train_linear(x_real, y_real, baseline_lr, args.inner_steps, 10).detach()
-    print(f"{'random real':<18}{accuracy(w, data.x_test, data.y_test):>10.3f}{1.0:>12.3f}{0:>10.1f}")
+    print(
+        f"{'random real':<18}{accuracy(w, data.x_test, data.y_test):>10.3f}{1.0:>12.3f}{0:>10.1f}"
+    )
     for name in [n.strip() for n in args.perturbations.split(",") if n.strip()]:
         start = time.perf_counter()
         rho = radii.get(name.lower(), 0.05) if name.lower() != "none" else None

@@ -187,7 +187,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: recomputes the outer loss, fills ``.grad`` (``backward()`` or assignment)
-                and returns the loss. It may take no argument or one ``StepContext``.
+                and returns the loss. A closure that accepts a positional argument receives the
+                ``StepContext`` (keep other arguments keyword-only); one that takes none is
+                simply called again.
                 Gradients are cleared before each call. Only ``perturbation="none"`` without
                 smoothing may omit it (the gradients already in ``.grad`` are used).
             skip_if: a gate on the first call's loss (e.g. DATM's ``lambda l: l > threshold``);

@@ -87,10 +87,11 @@ class StepPlan:
         if augmentation is not None and sample_shape is None:
             raise ValueError("sample_shape is required when an augmentation is given")
         pool: list[Tensor] = []
-        indices, draws = [], []
+        indices: list[Tensor] = []
+        draws: list[Any] = []
         for _ in range(num_steps):
             if not pool:
-                pool = list(torch.randperm(num_samples, generator=generator).split(batch))
+                pool = list(torch.split(torch.randperm(num_samples, generator=generator), batch))
             chunk = pool.pop()
             indices.append(chunk)
             if augmentation is None:

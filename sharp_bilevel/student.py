@@ -88,10 +88,8 @@ class FunctionalStudent:
         """Copies of the module's buffers, for one unroll."""
         return {name: b.detach().clone() for name, b in self.module.named_buffers()}
 
-    def __call__(
-        self, x: Tensor, flat: Tensor, buffers: dict[str, Tensor] | None = None
-    ) -> Tensor:
-        """``module(x)`` with parameters ``unflatten(flat)``; differentiable in ``flat`` and ``x``."""
+    def __call__(self, x: Tensor, flat: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """``module(x)`` with parameters ``unflatten(flat)``, differentiable in both."""
         state = {**(self.fresh_buffers() if buffers is None else buffers), **self.unflatten(flat)}
         out: Tensor = functional_call(self.module, state, (x,))
         return out

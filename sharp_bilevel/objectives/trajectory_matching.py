@@ -72,9 +72,13 @@ class TrajectoryMatching:
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        self.student = student if isinstance(student, FunctionalStudent) else FunctionalStudent(student)
+        self.student = (
+            student if isinstance(student, FunctionalStudent) else FunctionalStudent(student)
+        )
         if images.dim() < 2:
-            raise ValueError(f"images must be [n, ...] with n samples, got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [n, ...] with n samples, got shape {tuple(images.shape)}"
+            )
         if syn_lr.dim() != 0:
             raise ValueError(f"syn_lr must be a 0-d tensor, got shape {tuple(syn_lr.shape)}")
         n = images.shape[0]
@@ -122,7 +126,9 @@ class TrajectoryMatching:
         if ctx is not None and "unroll" in ctx.options:
             settings = ctx.options["unroll"]
             if not isinstance(settings, UnrollSettings):
-                raise TypeError(f"closure_options['unroll'] must be UnrollSettings, got {settings!r}")
+                raise TypeError(
+                    f"closure_options['unroll'] must be UnrollSettings, got {settings!r}"
+                )
             return settings
         return UnrollSettings()
 
@@ -141,26 +147,41 @@ class TrajectoryMatching:
         if tau is not None and saved is not None:
             w_tau, state_tau, before = saved
             result = unroll(
-                self.student, w_tau, self.images, self.labels, self.syn_lr, self.plan,
-                start_step=tau, start_state=state_tau, **common,  # type: ignore[arg-type]
+                self.student,
+                w_tau,
+                self.images,
+                self.labels,
+                self.syn_lr,
+                self.plan,
+                start_step=tau,
+                start_state=state_tau,
+                **common,  # type: ignore[arg-type]
             )
             directions = before + result.direction_sum
         else:
             record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
             result = unroll(
-                self.student, self.expert_start, self.images, self.labels, self.syn_lr, self.plan,
-                record_at=tau if record else None, **common,  # type: ignore[arg-type]
+                self.student,
+                self.expert_start,
+                self.images,
+                self.labels,
+                self.syn_lr,
+                self.plan,
+                record_at=tau if record else None,
+                **common,  # type: ignore[arg-type]
             )
             if record and ctx is not None:
                 ctx.scratch[_TR_KEY] = (
-                    result.recorded, result.recorded_state, result.direction_sum_before
+                    result.recorded,
+                    result.recorded_state,
+                    result.direction_sum_before,
                 )
             directions = result.direction_sum
         loss = matching_loss(result.final, self.expert_target, self.expert_start)
         wants_lr = first_order and self.syn_lr.requires_grad
         if wants_lr:
             result.final.retain_grad()
-        loss.backward()
+        torch.autograd.backward(loss)
         if wants_lr:
             assert result.final.grad is not None
             value = first_order_lr_grad(result.final.grad, directions)
