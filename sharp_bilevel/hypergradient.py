@@ -38,7 +38,9 @@ class UnrollSettings:
     def __post_init__(self) -> None:
         if self.keep is not None:
             if isinstance(self.keep, bool) or not isinstance(self.keep, int | float):
-                raise ValueError(f"keep must be an int, a float in (0, 1] or None, got {self.keep!r}")
+                raise ValueError(
+                    f"keep must be an int, a float in (0, 1] or None, got {self.keep!r}"
+                )
             if isinstance(self.keep, int) and self.keep < 1:
                 raise ValueError(f"keep as a step count must be >= 1, got {self.keep}")
             if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
