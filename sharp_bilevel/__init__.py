@@ -6,11 +6,20 @@ The public entry points:
   any outer objective (a closure) with a perturbation rule;
 * :func:`register_perturbation`, :func:`available_perturbations`, :func:`get_perturbation`: the
   rule registry (``"none"``, ``"sam"``, ``"asam"``, ``"gsam"``, ``"vasso"``, ``"ssam"``, yours);
-* :class:`StepContext`: what a one-argument closure receives.
+* :class:`StepContext`: what a one-argument closure receives;
+* :class:`TrajectoryMatching`, :class:`UnrollSettings`, :func:`satm_optimizer`: MTT-style
+  trajectory matching with TUH, TR and first-order lr learning;
+* :func:`get_network`, :class:`FunctionalStudent`, :class:`StepPlan`, :class:`DSA`,
+  :class:`ZCA`: the pieces a distillation loop is built from.
 """
 
+from .augment import DSA, DSAParams
 from .context import ASCENT, DESCENT, StepContext, StepReport
 from .errors import NonFiniteError
+from .hypergradient import UnrollSettings, first_order_lr_grad
+from .inner import PlainSGD, TorchoptInner
+from .networks import available_networks, get_network
+from .objectives import TrajectoryMatching
 from .optimizer import SharpBilevelOptimizer
 from .perturbations import (
     ASAM,
@@ -24,7 +33,12 @@ from .perturbations import (
     get_perturbation,
     register_perturbation,
 )
+from .presets import satm_optimizer
 from .smoothing import smoothing_noise
+from .step_plan import StepPlan
+from .student import FunctionalStudent
+from .unroll import matching_loss, unroll
+from .zca import ZCA
 
 __version__ = "0.1.0.dev0"
 
@@ -32,19 +46,34 @@ __all__ = [
     "ASAM",
     "ASCENT",
     "DESCENT",
+    "DSA",
     "GSAM",
     "SAM",
+    "ZCA",
+    "DSAParams",
+    "FunctionalStudent",
     "NoPerturbation",
     "NonFiniteError",
     "PerturbationRule",
+    "PlainSGD",
     "SharpBilevelOptimizer",
     "SmoothedSAM",
     "StepContext",
+    "StepPlan",
     "StepReport",
+    "TorchoptInner",
+    "TrajectoryMatching",
+    "UnrollSettings",
     "VaSSO",
     "__version__",
+    "available_networks",
     "available_perturbations",
+    "first_order_lr_grad",
+    "get_network",
     "get_perturbation",
+    "matching_loss",
     "register_perturbation",
+    "satm_optimizer",
     "smoothing_noise",
+    "unroll",
 ]
