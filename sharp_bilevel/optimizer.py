@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -365,9 +366,13 @@ def _split_kwargs(
     kwargs: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route keyword arguments: the rule's hyperparameters to the rule, the rest to the base."""
-    if not isinstance(perturbation, str):
-        return {}, dict(kwargs)
-    rule_names = rule_parameters(perturbation)
+    if isinstance(perturbation, str):
+        rule_names = rule_parameters(perturbation)
+    elif dataclasses.is_dataclass(perturbation):
+        # Hyperparameters given beside an instance reach get_perturbation, which refuses them.
+        rule_names = frozenset(f.name for f in dataclasses.fields(perturbation))
+    else:
+        rule_names = frozenset()
     base_names: set[str] = set()
     if isinstance(base_optimizer, type):
         base_names = set(inspect.signature(base_optimizer).parameters)
@@ -376,7 +381,7 @@ def _split_kwargs(
     for name, value in kwargs.items():
         if name in rule_names and name in base_names:
             raise ValueError(
-                f"{name!r} is both a hyperparameter of perturbation {perturbation!r} and an "
+                f"{name!r} is both a hyperparameter of the perturbation and an "
                 f"argument of {base_optimizer.__name__}; pass it in perturbation_kwargs or build "
                 "the base optimizer yourself"
             )

@@ -62,15 +62,19 @@ class PerturbationRule:
         return list(grads_adv)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_positive(name: str, value: float) -> None:
     """``value`` must be a finite number > 0."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:
     """``value`` must be a finite number >= 0."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -78,7 +82,7 @@ def check_interval(
     name: str, value: float, low: float, high: float, *, low_open: bool = False
 ) -> None:
     """``value`` must lie in ``[low, high]`` (or ``(low, high]`` when ``low_open``)."""
-    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = _is_number(value) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["

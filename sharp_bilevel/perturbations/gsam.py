@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,8 +65,8 @@ class GSAM(PerturbationRule):
             rho_min, lr_min, lr_max = (float(v) for v in schedule)  # type: ignore[arg-type]
             check_interval("rho_min", rho_min, 0.0, self.rho)
             check_nonnegative("lr_min", lr_min)
-            if not lr_max > lr_min:
-                raise ValueError(f"lr_max must be > lr_min={lr_min!r}, got {lr_max!r}")
+            if not (math.isfinite(lr_max) and lr_max > lr_min):
+                raise ValueError(f"lr_max must be > lr_min={lr_min!r} and finite, got {lr_max!r}")
 
     def rho_at(self, lr: float) -> float:
         """The radius ``rho_t`` for the learning rate ``lr``."""

@@ -77,7 +77,7 @@ def register_perturbation(
         raise TypeError(
             f"rule must be a PerturbationRule subclass or a callable returning one, got {rule!r}"
         )
-    keys = [_key(name), *(_key(a) for a in aliases)]
+    keys = list(dict.fromkeys([_key(name), *(_key(a) for a in aliases)]))  # drop repeats
     if not overwrite:
         taken = [k for k in keys if k in _FACTORIES or k in _ALIASES]
         if taken:
