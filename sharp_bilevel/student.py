@@ -17,10 +17,31 @@ statistics, so the running values never enter the unroll anyway. Instance norm (
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+
+@runtime_checkable
+class Student(Protocol):
+    """What the unroll needs from a student: a flat layout and a forward ``f(x; w)``."""
+
+    num_params: int
+    dtype: torch.dtype
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-parameter tensors (``net.parameters()`` order) -> ``[num_params]``."""
+        ...
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        """Buffers for one unroll (copies; may be empty)."""
+        ...
+
+    def __call__(self, x: Tensor, flat: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """The network's output at parameters ``flat``."""
+        ...
 
 
 class FunctionalStudent:
@@ -52,6 +73,7 @@ class FunctionalStudent:
         self.shapes = [p.shape for _, p in named]
         self.numels = [p.numel() for _, p in named]
         self.num_params = sum(self.numels)
+        self.dtype = named[0][1].dtype
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors (``net.parameters()`` order) into ``[num_params]``."""
@@ -93,3 +115,49 @@ class FunctionalStudent:
         state = {**(self.fresh_buffers() if buffers is None else buffers), **self.unflatten(flat)}
         out: Tensor = functional_call(self.module, state, (x,))
         return out
+
+
+class ReparamStudent:
+    """MTT's ``ReparamModule`` student (``net(x, flat_param=w)``), used as it is.
+
+    The module already holds one ``flat_param`` of length ``P``; expert snapshots flatten by
+    concatenation in the wrapped network's ``parameters()`` order, as MTT's ``distill.py`` does.
+    Its buffers are not reparametrised by MTT: a batch-norm student updates them in place.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        flat = getattr(module, "flat_param", None)
+        if not isinstance(flat, Tensor) or flat.dim() != 1:
+            raise TypeError("module must be MTT's ReparamModule (with a 1-D flat_param)")
+        self.module = module
+        self.num_params = flat.numel()
+        self.dtype = flat.dtype
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if flat.numel() != self.num_params:
+            raise ValueError(
+                f"the tensors hold {flat.numel()} values, the student has {self.num_params} "
+                "parameters"
+            )
+        return flat
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        return {}
+
+    def __call__(self, x: Tensor, flat: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        out: Tensor = self.module(x, flat_param=flat)
+        return out
+
+
+def as_student(net: nn.Module | Student) -> Student:
+    """A ``Student`` for ``net``: MTT's ``ReparamModule`` as is, any other module functionally."""
+    if isinstance(net, FunctionalStudent | ReparamStudent):
+        return net
+    if isinstance(net, nn.Module):
+        if isinstance(getattr(net, "flat_param", None), Tensor) and hasattr(net, "module"):
+            return ReparamStudent(net)
+        return FunctionalStudent(net)
+    if isinstance(net, Student):
+        return net
+    raise TypeError(f"expected an nn.Module or a Student, got {type(net).__name__}")

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .inner import InnerOptimizer, PlainSGD, detach_state
 from .step_plan import Augmentation, StepPlan
-from .student import FunctionalStudent
+from .student import Student
 
 
 @dataclass
@@ -57,7 +57,7 @@ def inner_loss(logits: Tensor, targets: Tensor, soft: bool) -> Tensor:
 
 
 def unroll(
-    student: FunctionalStudent,
+    student: Student,
     start: Tensor,
     images: Tensor,
     targets: Tensor,

@@ -11,7 +11,7 @@ from ..context import StepContext
 from ..hypergradient import UnrollSettings, first_order_lr_grad
 from ..inner import InnerOptimizer
 from ..step_plan import Augmentation, StepPlan
-from ..student import FunctionalStudent
+from ..student import Student, as_student
 from ..unroll import UnrollResult, matching_loss, unroll
 
 _TR_KEY = "trajectory_reuse"
@@ -37,7 +37,8 @@ class TrajectoryMatching:
     ``<dL/dw_N, sum_i u_i>``, the directions of steps before ``tau`` taken from the ascent pass).
 
     Args:
-        student: the network (``nn.Module`` or ``FunctionalStudent``); never modified.
+        student: the network (any ``nn.Module``, MTT's ``ReparamModule`` or a ``Student``);
+            never modified.
         images: synthetic images ``[n, C, H, W]`` (the perturbed outer variable).
         syn_lr: the learnable inner rate ``alpha`` (0-d tensor).
         labels: hard labels ``[n]`` (long) or, with ``soft_labels``, logits ``[n, classes]``.
@@ -56,7 +57,7 @@ class TrajectoryMatching:
 
     def __init__(
         self,
-        student: nn.Module | FunctionalStudent,
+        student: nn.Module | Student,
         images: Tensor,
         syn_lr: Tensor,
         labels: Tensor,
@@ -72,9 +73,7 @@ class TrajectoryMatching:
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        self.student = (
-            student if isinstance(student, FunctionalStudent) else FunctionalStudent(student)
-        )
+        self.student = as_student(student)
         if images.dim() < 2:
             raise ValueError(
                 f"images must be [n, ...] with n samples, got shape {tuple(images.shape)}"
@@ -88,7 +87,7 @@ class TrajectoryMatching:
             raise ValueError(f"labels must be {kind} with n={n}, got shape {tuple(labels.shape)}")
         self.images, self.syn_lr, self.labels = images, syn_lr, labels
         self.soft_labels = soft_labels
-        dtype = next(self.student.module.parameters()).dtype
+        dtype = self.student.dtype
         self.expert_start = self._flat(expert_start, "expert_start").to(images.device, dtype)
         self.expert_target = self._flat(expert_target, "expert_target").to(images.device, dtype)
         self.augmentation = augmentation

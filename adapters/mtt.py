@@ -1,0 +1,89 @@
+"""MTT (Cazenavette et al., CVPR 2022) adapter: the closure for an MTT fork's update block.
+
+In ``distill.py`` the fork keeps its expert choice and start-epoch sampling and replaces the
+unroll, loss and the two optimizer steps with::
+
+    closure = mtt.make_closure(student_net, expert_trajectory, start_epoch, image_syn, syn_lr,
+                               label_syn, args=args)
+    grand_loss = optimizer.step(closure)
+
+where ``optimizer`` is one ``SharpBilevelOptimizer`` over ``image_syn`` and ``syn_lr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sharp_bilevel.hypergradient import UnrollSettings
+from sharp_bilevel.objectives import TrajectoryMatching
+from sharp_bilevel.student import Student
+
+from ._common import dsa_from_fork, expert_endpoints, setting
+
+
+def make_closure(
+    student_net: nn.Module | Student,
+    expert_trajectory: Sequence[Any],
+    start_epoch: int,
+    image_syn: Tensor,
+    syn_lr: Tensor,
+    label_syn: Tensor,
+    *,
+    args: Any = None,
+    expert_epochs: int | None = None,
+    syn_steps: int | None = None,
+    batch_syn: int | None = None,
+    dsa: bool | None = None,
+    dsa_strategy: str | None = None,
+    dsa_param: Any = None,
+    soft_labels: bool = False,
+    settings: UnrollSettings | None = None,
+    seed: int | None = None,
+) -> TrajectoryMatching:
+    """Build the outer objective of one MTT iteration.
+
+    Args:
+        student_net: MTT's ``ReparamModule`` student or any plain ``nn.Module`` of the same
+            architecture (used functionally; never modified).
+        expert_trajectory: one expert: a list of epochs, each a list of per-parameter tensors
+            (MTT's buffer format) or a flat vector.
+        start_epoch: the fork's sampled ``t``; ``t + expert_epochs`` must exist.
+        image_syn: the synthetic images ``[classes * ipc, C, H, W]``.
+        syn_lr: the learnable inner lr (0-d).
+        label_syn: hard labels ``[n]`` (or DATM logits with ``soft_labels=True``).
+        args: the fork's argparse namespace; ``expert_epochs``, ``syn_steps``, ``batch_syn``,
+            ``dsa``, ``dsa_strategy`` and ``dsa_param`` are read from it unless given here.
+        settings: TUH/TR/lr settings (None: from the optimizer's ``closure_options``, else exact).
+        seed: seed of this iteration's step plan (drawn from torch's global RNG when None, so a
+            fork's ``torch.manual_seed`` still fixes the run).
+    """
+    epochs = setting(args, "expert_epochs", expert_epochs)
+    steps = setting(args, "syn_steps", syn_steps)
+    if epochs is None or steps is None:
+        raise ValueError("expert_epochs and syn_steps are required (as arguments or in args)")
+    start, target = expert_endpoints(expert_trajectory, start_epoch, int(epochs))
+    augmentation = dsa_from_fork(
+        setting(args, "dsa", dsa, False),
+        setting(args, "dsa_strategy", dsa_strategy),
+        setting(args, "dsa_param", dsa_param),
+    )
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return TrajectoryMatching(
+        student_net,
+        image_syn,
+        syn_lr,
+        label_syn,
+        expert_start=start,
+        expert_target=target,
+        syn_steps=int(steps),
+        batch_syn=setting(args, "batch_syn", batch_syn),
+        soft_labels=soft_labels,
+        augmentation=augmentation,
+        settings=settings,
+        seed=seed,
+    )
