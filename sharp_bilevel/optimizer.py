@@ -94,6 +94,14 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         perturbation_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        is_class = isinstance(base_optimizer, type) and issubclass(
+            base_optimizer, torch.optim.Optimizer
+        )
+        if not (is_class or isinstance(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                f"got {base_optimizer!r}"
+            )
         rule_kwargs, base_kwargs = _split_kwargs(perturbation, base_optimizer, kwargs)
         rule_kwargs.update(perturbation_kwargs or {})
         if rho is not None:
@@ -158,7 +166,11 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (``perturb`` defaults to True); the base optimizer gets it too."""
+        """Add a group (``perturb`` defaults to True); the base optimizer gets it too.
+
+        Adding a perturbed group re-initialises the rule's state (e.g. VaSSO's average ``d``),
+        whose tensors are aligned with the perturbed parameters.
+        """
         if not hasattr(self, "base_optimizer"):
             super().add_param_group(param_group)
             return
@@ -291,7 +303,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         grads = _grads_or_zeros(perturbed)
         loss_value, grad_norm, problem = _inspect(loss, grads, everything)
         if problem:
-            return self._skip_nonfinite(loss, loss_value, grad_norm, problem)
+            return self._skip_nonfinite(
+                loss, loss_value, grad_norm, f"{problem} in the ascent pass"
+            )
         if skip_if is not None and skip_if(loss):
             return self._skip(loss, loss_value, grad_norm, "gate")
         self.base_optimizer.step()
@@ -452,6 +466,8 @@ def _inspect(
                 f"the closure must return a scalar loss, got shape {tuple(loss.shape)}"
             )
         loss_t = loss.detach().reshape(()).to(torch.float64)
+    elif loss is None:  # step() without a closure: only the gradients are there to check
+        loss_t = torch.tensor(0.0, dtype=torch.float64)
     else:
         loss_t = torch.tensor(float(loss), dtype=torch.float64)
     device = loss_t.device
@@ -466,7 +482,9 @@ def _inspect(
         ]
     ).tolist()
     loss_value, grads_finite, sq_norm = summary
-    if not math.isfinite(loss_value):
+    if loss is None:
+        loss_value = math.nan
+    elif not math.isfinite(loss_value):
         return (
             loss_value,
             math.sqrt(sq_norm) if math.isfinite(sq_norm) else sq_norm,
