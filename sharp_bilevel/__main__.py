@@ -1,16 +1,16 @@
-"""``python -m sharp_bilevel``: the main job (for now, the bilevel demo on real digits)."""
+"""``python -m sharp_bilevel``: the main job (experts, distillation, evaluation, report)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from .demo import main as demo_main
+from .cli import main as cli_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sharp-bilevel`` console script."""
-    return demo_main(argv)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
