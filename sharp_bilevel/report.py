@@ -37,7 +37,10 @@ def save_image_grid(images: Tensor, path: str | Path, columns: int) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    grid = image_grid(images, columns).numpy()
+    grid = image_grid(images, columns)
+    # Small images (8x8 digits) are enlarged by an integer factor, pixels kept square and sharp.
+    scale = max(1, 48 // int(images.shape[-1]))
+    grid = grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1).numpy()
     path = Path(path)
     if grid.shape[2] == 1:
         plt.imsave(path, grid[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
@@ -60,11 +63,13 @@ def save_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: st
         ("sharpness", "sharpness F(phi+eps) - F(phi)"),
     )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for label, history in histories.items():
-            values = [v for v in history.get(key, []) if not math.isnan(v)]
-            if values:
-                ax.plot(range(1, len(values) + 1), values, label=label, linewidth=1.2)
+        for k, (label, history) in enumerate(histories.items()):
+            points = [(i + 1, v) for i, v in enumerate(history.get(key, [])) if not math.isnan(v)]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=label, linewidth=1.2, color=colours[k % len(colours)])
         ax.set_title(title)
         ax.set_xlabel("outer iteration")
     axes[0].legend(fontsize=8)
