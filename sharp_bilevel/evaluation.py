@@ -212,7 +212,9 @@ def train_on_synthetic(
             ``[n, classes]`` logits (soft cross-entropy against ``softmax(labels)``).
         lr: the initial learning rate (float or one-element tensor, e.g. the learned ``syn_lr``).
         epochs: passes over the data.
-        batch_size, momentum, weight_decay: SGD's; MTT's defaults.
+        batch_size: minibatch size (MTT's 256).
+        momentum: SGD momentum (MTT's 0.9).
+        weight_decay: SGD weight decay (MTT's 5e-4).
         dsa: DSA strengths (default: MTT's ``DSAParams()``), or None for no augmentation.
         soft_labels: whether ``labels`` are logits.
         generator: the only source of randomness (shuffling, DSA).
@@ -448,11 +450,16 @@ def evaluate_synthetic(
         lr: training lr (the learned ``syn_lr``; float or one-element tensor), finite and > 0.
         test_images: ``[m, channels, *image_size]`` real test images.
         test_labels: ``[m]`` class indices.
-        num_classes, channels, image_size: the networks' shape (checked against the data).
+        num_classes: number of classes (the networks' output size).
+        channels: image channels (checked against the data).
+        image_size: ``(H, W)`` (checked against the data).
         architectures: names from :func:`~sharp_bilevel.networks.available_networks`;
             several names give a cross-architecture evaluation.
         seeds: one run per seed (network init, shuffling, DSA).
-        epochs, dsa, soft_labels, batch_size: as in :func:`train_on_synthetic`.
+        epochs: training epochs, as in :func:`train_on_synthetic`.
+        dsa: augmentation during training (None: off).
+        soft_labels: ``labels`` are logits (DATM).
+        batch_size: training minibatch size.
         width: passed to ``get_network`` (None: each network's default width).
         device: where the networks train and test (default CPU).
 

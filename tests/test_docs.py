@@ -1,0 +1,122 @@
+"""The docs site cannot drift from the code: its examples run, it builds strictly, offline,
+and its API page renders the optimizer's signature in a real browser."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+
+
+def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning:sharp_bilevel"},
+    )
+
+
+def test_pages_have_examples() -> None:
+    names = {p.name for p in PAGES}
+    assert {"quickstart.md", "rules.md", "tuh-tr.md", "lr-learning.md"} <= names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_every_python_block_on_the_page_runs(page: Path, tmp_path: Path) -> None:
+    # The blocks of one page share a namespace, in order, like a reader running them.
+    code = "\n\n".join(python_blocks(page))
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, f"{page.name} examples failed:\n{result.stderr[-3000:]}"
+
+
+def test_docstring_examples_run_as_doctests(tmp_path: Path) -> None:
+    script = """
+import doctest, importlib, pkgutil, sys
+import sharp_bilevel, sharp_bilevel.adapters
+failed = tried = 0
+for package in (sharp_bilevel, sharp_bilevel.adapters):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if info.name.endswith("__main__"):
+            continue
+        result = doctest.testmod(importlib.import_module(info.name), optionflags=doctest.ELLIPSIS)
+        failed += result.failed
+        tried += result.attempted
+print(tried)
+sys.exit(1 if failed else 0)
+"""
+    result = run_python(script, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert int(result.stdout.strip().splitlines()[-1]) >= 10  # the examples really ran
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("mkdocs is not installed (pip install -e '.[dev]')")
+    out = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_site_builds_strictly_and_fetches_nothing_at_view_time(site: Path) -> None:
+    pages = list(site.rglob("*.html"))
+    assert len(pages) >= 12
+    external = re.compile(r"<(?:script|link|img|iframe)[^>]+(?:src|href)=[\"']https?://", re.I)
+    for page in pages:
+        text = page.read_text(errors="replace")
+        assert not external.search(text), f"{page.name} loads an external resource"
+        assert "fonts.googleapis" not in text
+
+
+def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,900",
+    ]
+    url = (site / "api.html").as_uri()
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    text = re.sub(r"<[^>]+>", "", dom.stdout)
+    assert "SharpBilevelOptimizer(" in text
+    for argument in ("base_optimizer", "perturbation", "rho", "smooth", "nonfinite"):
+        assert argument in text
+    shot = tmp_path / "api.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
