@@ -49,10 +49,19 @@ class StartEpochWindow:
     sequential: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch:
+        if not 0 <= self.min_start_epoch < self.max_start_epoch:
             raise ValueError(
-                "need 0 <= min_start_epoch < current_max_start_epoch <= max_start_epoch, got "
-                f"{self.min_start_epoch}, {self.current_max_start_epoch}, {self.max_start_epoch}"
+                "need 0 <= min_start_epoch < max_start_epoch, got "
+                f"{self.min_start_epoch}, {self.max_start_epoch}"
+            )
+        # current_max_start_epoch only matters for the ramp (DATM ignores it otherwise).
+        if self.sequential and not (
+            self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch
+        ):
+            raise ValueError(
+                "with sequential=True need min_start_epoch < current_max_start_epoch <= "
+                f"max_start_epoch, got {self.min_start_epoch}, {self.current_max_start_epoch}, "
+                f"{self.max_start_epoch}"
             )
         if self.expansion_end_epoch < 1:
             raise ValueError(f"expansion_end_epoch must be >= 1, got {self.expansion_end_epoch}")

@@ -36,6 +36,11 @@ class ImageEMA:
         self.average = images.detach().clone()
         self.updates = 0
 
+    @property
+    def module(self) -> list[Tensor]:
+        """``[average]``: where FTD's ``ModelEmaV2`` keeps it (``ema.module[0]``)."""
+        return [self.average]
+
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step with the current values of ``images``."""

@@ -56,7 +56,8 @@ def make_closure(
         syn_lr: the learnable inner lr (0-d).
         label_syn: hard labels ``[n]`` (or DATM logits with ``soft_labels=True``).
         args: the fork's argparse namespace; ``expert_epochs``, ``syn_steps``, ``batch_syn``,
-            ``dsa``, ``dsa_strategy`` and ``dsa_param`` are read from it unless given here.
+            ``dsa``, ``dsa_strategy`` and ``dsa_param`` are read from it unless given here
+            (and ``no_aug`` switches augmentation off, as in MTT).
         settings: TUH/TR/lr settings (None: from the optimizer's ``closure_options``, else exact).
         seed: seed of this iteration's step plan (drawn from torch's global RNG when None, so a
             fork's ``torch.manual_seed`` still fixes the run).
@@ -66,8 +67,11 @@ def make_closure(
     if epochs is None or steps is None:
         raise ValueError("expert_epochs and syn_steps are required (as arguments or in args)")
     start, target = expert_endpoints(expert_trajectory, start_epoch, int(epochs))
+    if setting(args, "texture", None, False):
+        raise NotImplementedError("MTT's --texture mode (random canvas rolls) is not supported")
+    augment = bool(setting(args, "dsa", dsa, False)) and not setting(args, "no_aug", None, False)
     augmentation = dsa_from_fork(
-        setting(args, "dsa", dsa, False),
+        augment,
         setting(args, "dsa_strategy", dsa_strategy),
         setting(args, "dsa_param", dsa_param),
     )

@@ -37,10 +37,10 @@ def save_image_grid(images: Tensor, path: str | Path, columns: int) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    grid = image_grid(images, columns)
     # Small images (8x8 digits) are enlarged by an integer factor, pixels kept square and sharp.
     scale = max(1, 48 // int(images.shape[-1]))
-    grid = grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1).numpy()
+    tiles = image_grid(images, columns).repeat_interleave(scale, dim=0)
+    grid = tiles.repeat_interleave(scale, dim=1).numpy()
     path = Path(path)
     if grid.shape[2] == 1:
         plt.imsave(path, grid[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0)

@@ -154,6 +154,8 @@ def as_student(net: nn.Module | Student) -> Student:
     """A ``Student`` for ``net``: MTT's ``ReparamModule`` as is, any other module functionally."""
     if isinstance(net, FunctionalStudent | ReparamStudent):
         return net
+    if isinstance(net, nn.DataParallel):  # MTT's multi-GPU wrapper: drive the inner module
+        return as_student(net.module)
     if isinstance(net, nn.Module):
         if isinstance(getattr(net, "flat_param", None), Tensor) and hasattr(net, "module"):
             return ReparamStudent(net)

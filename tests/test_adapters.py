@@ -285,3 +285,47 @@ def test_datm_soft_labels_average_the_experts_that_classify_correctly() -> None:
         right = [o[j] for o in outs if o[j].argmax() == label_syn[j]]
         expected = torch.stack(right or [o[j] for o in outs]).mean(0)
         torch.testing.assert_close(logits[j], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fork_settings_that_change_the_closure() -> None:
+    net = tiny_net()
+    buffer = expert_buffer(net)
+    image_syn, syn_lr, label_syn = outer_variables()
+    no_aug = mtt.make_closure(
+        net, buffer[0], 0, image_syn, syn_lr, label_syn, args=mtt_args(no_aug=True)
+    )
+    assert no_aug.augmentation is None
+    with pytest.raises(NotImplementedError, match="texture"):
+        mtt.make_closure(
+            net, buffer[0], 0, image_syn, syn_lr, label_syn, args=mtt_args(texture=True)
+        )
+    wrapped = mtt.make_closure(
+        nn.DataParallel(net), buffer[0], 0, image_syn, syn_lr, label_syn, args=mtt_args(), seed=1
+    )
+    plain = mtt.make_closure(
+        net, buffer[0], 0, image_syn, syn_lr, label_syn, args=mtt_args(), seed=1
+    )
+    for a, b in zip(
+        grads_after(wrapped, [image_syn]), grads_after(plain, [image_syn]), strict=True
+    ):
+        assert torch.equal(a, b)
+    # DATM's non-sequential configs (e.g. CIFAR-10 IPC1: min 0, current 20, max 4) are valid.
+    window = datm.StartEpochWindow(0, 20, 4, 1000, sequential=False)
+    assert window.upper(10) == 4
+    assert ftd.ImageEMA(image_syn).module[0].shape == image_syn.shape
+
+
+def test_a_non_positive_syn_lr_is_refused_and_nothing_is_left_perturbed() -> None:
+    net = tiny_net()
+    buffer = expert_buffer(net)
+    image_syn, syn_lr, label_syn = outer_variables()
+    with torch.no_grad():
+        syn_lr.fill_(-0.01)
+    opt = SharpBilevelOptimizer([image_syn], perturbation="sam", lr=1.0)
+    before = image_syn.detach().clone()
+    closure = mtt.make_closure(
+        net, buffer[0], 0, image_syn, syn_lr, label_syn, args=mtt_args(), seed=0
+    )
+    with pytest.raises(ValueError, match=r"syn_lr is -0\.01"):
+        opt.step(closure)
+    assert torch.equal(image_syn.detach(), before)

@@ -132,6 +132,13 @@ class TrajectoryMatching:
         return UnrollSettings()
 
     def __call__(self, ctx: StepContext | None = None) -> Tensor:
+        lr = float(self.syn_lr.detach())
+        if not (lr > 0 and lr < float("inf")):
+            raise ValueError(
+                f"syn_lr is {lr}: a non-positive or non-finite inner learning rate turns the inner "
+                "loop into ascent; clamp it after each step (syn_lr.data.clamp_(min=1e-8)) or "
+                "lower the lr of its group"
+            )
         settings = self.resolve_settings(ctx)
         iota, tau = settings.resolve(self.plan.num_steps)
         first_order = settings.lr_gradient == "first_order"
