@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from sharp_bilevel.augment import DSA, DSAParams
+from sharp_bilevel.experts import check_window
 
 # MTT's ParamDiffAug attribute -> our DSAParams field (facts from MTT's utils.py).
 _MTT_DSA_FIELDS = {
@@ -51,16 +52,7 @@ def expert_endpoints(
 ) -> tuple[Any, Any]:
     """``(w*_t, w*_{t+M})`` from one expert (a list of epochs, each a flat vector or a list of
     per-parameter tensors), with a clear error when ``t + M`` is past the trajectory."""
-    if not isinstance(start_epoch, int) or start_epoch < 0:
-        raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
-    if not isinstance(expert_epochs, int) or expert_epochs < 1:
-        raise ValueError(f"expert_epochs must be an integer >= 1, got {expert_epochs!r}")
-    last = len(trajectory) - 1
-    if start_epoch + expert_epochs > last:
-        raise ValueError(
-            f"start_epoch + expert_epochs = {start_epoch} + {expert_epochs} is beyond the "
-            f"expert trajectory, whose last epoch is {last} (it has {len(trajectory)} snapshots)"
-        )
+    check_window(len(trajectory), start_epoch, expert_epochs)
     return _on_cpu(trajectory[start_epoch]), _on_cpu(trajectory[start_epoch + expert_epochs])
 
 

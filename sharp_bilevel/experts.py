@@ -15,9 +15,7 @@ reads, so files go both ways.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 
 from .augment import DSAParams
 from .augment import dsa as _apply_dsa
+from .checkpoint import atomic_save
 from .context import StepContext
 from .data import ImageDataset
 from .errors import NonFiniteError
@@ -340,20 +339,6 @@ def _buffer_files(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_buffers(
     experts: Sequence[Expert],
     directory: str | Path,
@@ -397,7 +382,7 @@ def save_buffers(
             for expert in checked[first : first + save_interval]
         ]
         path = directory / f"replay_buffer_{start_index + k}.pt"
-        _atomic_save(chunk, path)
+        atomic_save(chunk, path)
         written.append(path)
     return written
 
@@ -519,6 +504,25 @@ def expert_params(
     return torch.cat([t.detach().reshape(-1) for t in snap])
 
 
+def check_window(num_snapshots: int, start_epoch: int, expert_epochs: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= start_epoch`` and ``start_epoch + expert_epochs`` is
+    an epoch of a trajectory with ``num_snapshots`` snapshots (epochs ``0..num_snapshots-1``)."""
+    for name, value, least in (
+        ("start_epoch", start_epoch, 0),
+        ("expert_epochs", expert_epochs, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    last = num_snapshots - 1
+    if start_epoch + expert_epochs > last:
+        raise ValueError(
+            f"start_epoch + expert_epochs = {start_epoch} + {expert_epochs} = "
+            f"{start_epoch + expert_epochs} exceeds the trajectory length: the expert has "
+            f"epochs 0..{last}, so start_epoch must be <= {last - expert_epochs} "
+            "(lower max_start_epoch or expert_epochs, or train longer experts)"
+        )
+
+
 def expert_window(
     expert: Sequence[Sequence[Tensor]],
     start_epoch: int,
@@ -533,20 +537,7 @@ def expert_window(
             negative ``start_epoch`` or ``expert_epochs < 1``, or a snapshot that does not
             match ``student``.
     """
-    for name, value, least in (
-        ("start_epoch", start_epoch, 0),
-        ("expert_epochs", expert_epochs, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    last = len(expert) - 1
-    if start_epoch + expert_epochs > last:
-        raise ValueError(
-            f"start_epoch + expert_epochs = {start_epoch} + {expert_epochs} = "
-            f"{start_epoch + expert_epochs} exceeds the trajectory length: the expert has "
-            f"epochs 0..{last}, so start_epoch must be <= {last - expert_epochs} "
-            "(lower max_start_epoch or expert_epochs, or train longer experts)"
-        )
+    check_window(len(expert), start_epoch, expert_epochs)
     return (
         expert_params(expert, start_epoch, student),
         expert_params(expert, start_epoch + expert_epochs, student),

@@ -176,7 +176,7 @@ def test_expert_window_errors_name_the_problem() -> None:
     net = tiny_net()
     buffer = expert_buffer(net, epochs=3)
     image_syn, syn_lr, label_syn = outer_variables()
-    with pytest.raises(ValueError, match=r"start_epoch \+ expert_epochs = 2 \+ 2 is beyond"):
+    with pytest.raises(ValueError, match=r"start_epoch \+ expert_epochs = 2 \+ 2 = 4 exceeds"):
         mtt.make_closure(net, buffer[0], 2, image_syn, syn_lr, label_syn, args=mtt_args())
     with pytest.raises(ValueError, match="syn_steps"):
         mtt.make_closure(net, buffer[0], 0, image_syn, syn_lr, label_syn, expert_epochs=1)
