@@ -24,6 +24,8 @@ from sharp_bilevel.student import Student
 
 from ._common import dsa_from_fork, expert_endpoints, setting
 
+__all__ = ["make_closure"]
+
 
 def make_closure(
     student_net: nn.Module | Student,

@@ -46,6 +46,30 @@ def test_every_python_block_on_the_page_runs(page: Path, tmp_path: Path) -> None
     assert result.returncode == 0, f"{page.name} examples failed:\n{result.stderr[-3000:]}"
 
 
+def test_api_reference_covers_every_public_name() -> None:
+    import sharp_bilevel.adapters
+
+    import sharp_bilevel
+
+    rendered = {
+        n.split(".")[-1] for n in re.findall(r":::\s*([\w.]+)", (DOCS / "api.md").read_text())
+    }
+    public = [n for n in sharp_bilevel.__all__ if not n.startswith("__")]
+    missing = [n for n in public if n not in rendered]
+    assert not missing, f"public names without an API entry: {missing}"
+    for module in (
+        sharp_bilevel.adapters.mtt,
+        sharp_bilevel.adapters.ftd,
+        sharp_bilevel.adapters.datm,
+    ):
+        names = (
+            [n for n in module.__all__ if not n.startswith("_")]
+            if hasattr(module, "__all__")
+            else []
+        )
+        assert all(n in rendered for n in names), (module.__name__, names)
+
+
 def test_docstring_examples_run_as_doctests(tmp_path: Path) -> None:
     script = """
 import doctest, importlib, pkgutil, sys
