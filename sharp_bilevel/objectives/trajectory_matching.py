@@ -184,13 +184,19 @@ class TrajectoryMatching:
                 )
             directions = result.direction_sum
         loss = matching_loss(result.final, self.expert_target, self.expert_start)
+        # Gradients only for the outer variables (and w_N for the first-order lr): none is
+        # wasted on the detached start of the graph (w_0, w_iota or w_tau).
+        leaves = [t for t in (self.images, self.labels) if t.requires_grad]
+        if not first_order and self.syn_lr.requires_grad:
+            leaves.append(self.syn_lr)
         wants_lr = first_order and self.syn_lr.requires_grad
+        targets = [*leaves, result.final] if wants_lr else leaves
+        grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
+        for leaf, grad in zip(leaves, grads, strict=False):
+            if grad is not None:  # accumulate like backward()
+                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
         if wants_lr:
-            result.final.retain_grad()
-        torch.autograd.backward(loss)
-        if wants_lr:
-            assert result.final.grad is not None
-            value = first_order_lr_grad(result.final.grad, directions)
+            value = first_order_lr_grad(grads[-1], directions)
             self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
         self.last_unroll = result
         return loss.detach()

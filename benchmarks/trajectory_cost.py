@@ -1,0 +1,412 @@
+"""Cost of one outer step: MTT (exact BPTT) vs naive SAM vs SATM (DESIGN.md sections 6 and 10).
+
+    python benchmarks/trajectory_cost.py [--quick] [--out benchmarks/results/trajectory_cost.json]
+
+Variants, each one ``opt.step(closure)`` with a fresh ``TrajectoryMatching`` closure per step:
+  mtt   SharpBilevelOptimizer(perturbation="none"), UnrollSettings() (exact BPTT, exact lr);
+  sam   SharpBilevelOptimizer(perturbation="sam"),  UnrollSettings() (two full BPTT passes);
+  satm  satm_optimizer(): smoothed SAM + keep N/3 + TR at tau = iota + first-order lr.
+Time: medians of steps interleaved across the variants after one warm-up round, in this process
+(wall clock, and the process CPU time beside it: steadier when other processes share the cores).
+Memory: the peak of live saved-for-backward bytes (metered in the warm-up round), and for the IPC
+10 configs the peak RSS (VmHWM) of a fresh child process that builds one variant and runs one
+step of it. The children run with a fixed 64 KiB mmap threshold (MALLOC_MMAP_THRESHOLD_), so
+freed tensors go back to the OS and the peak tracks what the step needs; glibc's default dynamic
+threshold keeps freed tensors cached and inflates the two-pass variants' peak RSS
+(``--rss-glibc-default`` measures that too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# OpenMP threads that spin while waiting make a step 10-40x slower when another process shares
+# the cores (measured here); passive waiting keeps the timings usable on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from torch import nn
+
+from sharp_bilevel import SharpBilevelOptimizer
+from sharp_bilevel.hypergradient import UnrollSettings
+from sharp_bilevel.objectives import TrajectoryMatching
+from sharp_bilevel.presets import satm_optimizer
+from sharp_bilevel.student import FunctionalStudent
+
+VARIANTS = ("mtt", "sam", "satm")
+CLASSES = 10
+MIB = 2**20
+# (name, width, (C, H, W), N, IPC, measured steps); one warm-up round comes on top
+FULL = [
+    ("w128 8x8 N20 ipc1", 128, (1, 8, 8), 20, 1, 7),
+    ("w128 8x8 N20 ipc10", 128, (1, 8, 8), 20, 10, 3),
+    ("w128 8x8 N30 ipc1", 128, (1, 8, 8), 30, 1, 7),
+    ("w128 8x8 N30 ipc10", 128, (1, 8, 8), 30, 10, 3),
+    ("w32 28x28 N20 ipc1", 32, (1, 28, 28), 20, 1, 7),
+    ("w32 28x28 N20 ipc10", 32, (1, 28, 28), 20, 10, 3),
+]
+QUICK = [("w128 8x8 N20 ipc1", 128, (1, 8, 8), 20, 1, 2)]
+# environments of the RSS children (see the module docstring)
+FIXED_MMAP = {"mmap threshold 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+GLIBC_DEFAULT: dict[str, dict[str, str]] = {"glibc default": {}}
+# ratio key -> bound (the issue's targets)
+TARGETS = {"time satm/mtt": 0.85, "time satm/sam": 0.40, "saved satm/mtt": 0.36}
+
+
+def build_net(width: int, shape: tuple[int, ...]) -> nn.Module:
+    """MTT's ConvNet: the library's ``get_network`` when it works, else a local copy."""
+    try:
+        from sharp_bilevel.networks import get_network
+
+        return get_network("ConvNet", shape[0], CLASSES, tuple(shape[1:]), width=width, seed=0)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        channels, size = shape[0], shape[1]
+        for d in range(3):
+            pad = 3 if shape[0] == 1 and d == 0 else 1
+            layers += [nn.Conv2d(channels, width, 3, padding=pad), nn.GroupNorm(width, width)]
+            layers += [nn.ReLU(), nn.AvgPool2d(2)]
+            channels, size = width, (size + 2 * pad - 2) // 2
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * size * size, CLASSES))
+
+
+class Run:
+    """One variant on one config: outer variables, optimizer, expert segment; ``step()``."""
+
+    def __init__(
+        self, variant: str, net: nn.Module, cfg: tuple, keep: int | float = 1.0 / 3.0
+    ) -> None:
+        _, _, shape, self.syn_steps, ipc, _ = cfg
+        gen = torch.Generator().manual_seed(1)
+        self.net = net
+        self.images = torch.randn(CLASSES * ipc, *shape, generator=gen).requires_grad_(True)
+        self.labels = torch.arange(CLASSES).repeat_interleave(ipc)
+        self.syn_lr = torch.tensor(0.01, requires_grad=True)
+        self.start = FunctionalStudent(net).flat_parameters()
+        self.target = self.start + 0.01 * torch.randn(self.start.shape, generator=gen)
+        groups = [
+            {"params": [self.images]},
+            {"params": [self.syn_lr], "lr": 1e-5, "perturb": False},
+        ]
+        if variant == "satm":
+            self.opt = satm_optimizer(groups, lr=100.0, keep=keep, seed=0)
+        else:
+            self.opt = SharpBilevelOptimizer(
+                groups,
+                perturbation="none" if variant == "mtt" else "sam",
+                lr=100.0,
+                momentum=0.5,
+                closure_options={"unroll": UnrollSettings()},
+            )
+        self.count = 0
+
+    def step(self) -> None:
+        closure = TrajectoryMatching(
+            self.net,
+            self.images,
+            self.syn_lr,
+            self.labels,
+            expert_start=self.start,
+            expert_target=self.target,
+            syn_steps=self.syn_steps,
+            seed=self.count,
+        )
+        self.count += 1
+        self.opt.step(closure)
+
+
+# ---------------------------------------------------------------------- the three helpers
+class _Box:
+    """What the pack hook stores. It holds a detached alias: holding the tensor itself (with its
+    grad_fn) forms reference cycles through autograd nodes (seen with GroupNorm's double
+    backward) that are never freed. Unpacking restores the grad_fn."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach()
+
+
+@contextmanager
+def saved_bytes_meter() -> Iterator[dict[str, int]]:
+    """Live bytes of the storages that saved-for-backward tensors keep alive, and their peak.
+
+    A storage counts once however many saved tensors (views, repeats) share it; it stops
+    counting when the last saved tensor on it is released (the box's finalizer runs)."""
+    meter = {"live": 0, "peak": 0}
+    refs: dict[int, int] = {}
+
+    def release(key: int, nbytes: int) -> None:
+        refs[key] -= 1
+        if refs[key] == 0:
+            del refs[key]
+            meter["live"] -= nbytes
+
+    def pack(tensor: torch.Tensor) -> _Box:
+        box = _Box(tensor)
+        storage = tensor.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key not in refs:
+            refs[key] = 0
+            meter["live"] += nbytes
+            meter["peak"] = max(meter["peak"], meter["live"])
+        refs[key] += 1
+        weakref.finalize(box, release, key, nbytes)
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        yield meter
+
+
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    if not rows:
+        return
+    cells = [header] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+# ---------------------------------------------------------------------- measurements
+def peak_saved(run: Run) -> int:
+    with saved_bytes_meter() as meter:
+        run.step()
+    gc.collect()
+    if meter["live"] != 0:
+        raise RuntimeError(f"{meter['live']} saved bytes still alive after the step")
+    return meter["peak"]
+
+
+def _vm(field: str) -> float:
+    """A field of /proc/self/status in MiB (VmRSS: now, VmHWM: peak of this process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_of_one_step(cfg: list, variant: str, threads: int) -> dict[str, float]:
+    """Run in a child: RSS before one step of ``variant`` and the process's peak after it."""
+    torch.set_num_threads(threads)
+    run = Run(variant, build_net(cfg[1], cfg[2]), tuple(cfg))
+    before = _vm("VmRSS")
+    run.step()
+    return {"before_mib": round(before, 1), "peak_mib": round(_vm("VmHWM"), 1)}
+
+
+def child_rss(cfg: tuple, variant: str, threads: int, env: dict[str, str]) -> dict[str, float]:
+    """Peak RSS of ``rss_of_one_step`` in a fresh interpreter with ``env`` added."""
+    here = str(Path(__file__).resolve().parent)
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); import trajectory_cost as t; "
+        f"print(json.dumps(t.rss_of_one_step({list(cfg)!r}, {variant!r}, {threads})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratios(values: dict[str, float], prefix: str) -> dict[str, float]:
+    pairs = (("satm", "mtt"), ("satm", "sam"), ("sam", "mtt"))
+    return {f"{prefix} {a}/{b}": values[a] / values[b] for a, b in pairs}
+
+
+def measure_config(cfg: tuple, allocators: dict[str, dict[str, str]], threads: int) -> dict:
+    name, _, _, syn_steps, ipc, repeats = cfg
+    net = build_net(cfg[1], cfg[2])
+    runs = {v: Run(v, net, cfg) for v in VARIANTS}
+    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    saved = {v: float(peak_saved(runs[v])) for v in VARIANTS}  # the warm-up round, metered
+    for _ in range(repeats):
+        for v in VARIANTS:
+            w, c = timed(runs[v].step)
+            wall[v].append(w)
+            cpu[v].append(c)
+    med_wall = {v: statistics.median(wall[v]) for v in VARIANTS}
+    med_cpu = {v: statistics.median(cpu[v]) for v in VARIANTS}
+    result = {
+        "config": name,
+        "N": syn_steps,
+        "ipc": ipc,
+        "keep_satm": UnrollSettings.satm().keep_steps(syn_steps),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "median_wall_s": med_wall,
+        "median_cpu_s": med_cpu,
+        "peak_saved_bytes": saved,
+        **ratios(med_wall, "time"),
+        **ratios(med_cpu, "cpu"),
+        **ratios(saved, "saved"),
+    }
+    for allocator, env in allocators.items():
+        rss_mib = {v: child_rss(cfg, v, threads, env) for v in VARIANTS}
+        growth = {v: rss_mib[v]["peak_mib"] - rss_mib[v]["before_mib"] for v in VARIANTS}
+        result.setdefault("rss_mib", {})[allocator] = rss_mib
+        result.setdefault("rss_growth", {})[allocator] = ratios(growth, "rss growth")
+    print(f"{name}: " + ", ".join(f"{v} {med_wall[v]:.2f}s" for v in VARIANTS), flush=True)
+    return result
+
+
+def scaling(cfg: tuple, sizes: list[int], keeps: list[int]) -> dict:
+    """SATM's peak saved bytes at a fixed keep over N, and over keep at the largest N."""
+    net = build_net(cfg[1], cfg[2])
+
+    def peak(syn_steps: int, keep: int) -> int:
+        return peak_saved(Run("satm", net, (*cfg[:3], syn_steps, *cfg[4:]), keep))
+
+    by_n = {n: peak(n, keeps[1]) for n in sizes}
+    by_keep = {k: by_n[sizes[-1]] if k == keeps[1] else peak(sizes[-1], k) for k in keeps}
+    return {
+        "config": cfg[0].rsplit(" ", 2)[0] + f" ipc{cfg[4]}",
+        "keep_fixed": keeps[1],
+        "by_N": by_n,
+        "N_fixed": sizes[-1],
+        "by_keep": by_keep,
+    }
+
+
+# ---------------------------------------------------------------------- report
+def report(results: list[dict], scale: dict) -> dict:
+    print_table(
+        "Time: ratios of median wall-clock step times (process CPU time ratio in brackets); "
+        "peak live saved-for-backward bytes",
+        [
+            "config",
+            "MTT s",
+            "SATM/MTT",
+            "SATM/SAM",
+            "SAM/MTT",
+            "saved SATM/MTT",
+            "saved SAM/MTT",
+            "MTT saved MiB",
+        ],
+        [
+            [
+                r["config"],
+                f"{r['median_wall_s']['mtt']:.2f}",
+                *(
+                    f"{r['time ' + k]:.3f} ({r['cpu ' + k]:.3f})"
+                    for k in ("satm/mtt", "satm/sam", "sam/mtt")
+                ),
+                r["saved satm/mtt"],
+                r["saved sam/mtt"],
+                f"{r['peak_saved_bytes']['mtt'] / MIB:.1f}",
+            ]
+            for r in results
+        ],
+    )
+    print_table(
+        "Peak RSS MiB of a fresh child running one step: peak (growth over its RSS just before "
+        "the step); ratios of the growths",
+        ["config", "allocator", *VARIANTS, "SATM/MTT", "SAM/MTT"],
+        [
+            [r["config"], allocator]
+            + [
+                f"{m[v]['peak_mib']:.0f} ({m[v]['peak_mib'] - m[v]['before_mib']:.0f})"
+                for v in VARIANTS
+            ]
+            + [r["rss_growth"][allocator][f"rss growth {k}"] for k in ("satm/mtt", "sam/mtt")]
+            for r in results
+            if "rss_mib" in r
+            for allocator, m in r["rss_mib"].items()
+        ],
+    )
+    print_table(
+        f"SATM peak saved MiB, {scale['config']}, keep={scale['keep_fixed']} steps, varying N",
+        ["N", "peak MiB"],
+        [[n, b / MIB] for n, b in scale["by_N"].items()],
+    )
+    print_table(
+        f"SATM peak saved MiB, {scale['config']}, N={scale['N_fixed']}, varying keep",
+        ["keep", "peak MiB", "MiB per kept step"],
+        [[k, b / MIB, b / MIB / k] for k, b in scale["by_keep"].items()],
+    )
+    verdicts = {}
+    print("\nTargets (the worst config counts; time on the wall clock, CPU time beside it):")
+    for key, bound in TARGETS.items():
+        worst = max(r[key] for r in results)
+        verdicts[key] = {"bound": bound, "worst": worst, "pass": worst <= bound}
+        line = f"  {key} <= {bound}: worst {worst:.3f} -> {'PASS' if worst <= bound else 'MISS'}"
+        if key.startswith("time"):
+            cpu = max(r[key.replace("time", "cpu")] for r in results)
+            verdicts[key].update({"worst cpu": cpu, "pass cpu": cpu <= bound})
+            line += f"  [CPU time: worst {cpu:.3f} -> {'PASS' if cpu <= bound else 'MISS'}]"
+        print(line)
+    return verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smallest config, 2 steps")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the RSS child processes")
+    parser.add_argument(
+        "--rss-glibc-default", action="store_true", help="also measure RSS with glibc's defaults"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started, load_before = time.time(), os.getloadavg()[0]
+    configs = QUICK if args.quick else FULL
+    allocators = {**FIXED_MMAP, **(GLIBC_DEFAULT if args.rss_glibc_default else {})}
+    results = [
+        measure_config(
+            cfg, {} if args.no_rss or (cfg[4] < 10 and not args.quick) else allocators, args.threads
+        )
+        for cfg in configs
+    ]
+    scale_cfg = configs[0] if args.quick else configs[1]
+    scale = scaling(scale_cfg, [12, 20, 30], [3, 6, 9])
+    verdicts = report(results, scale)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "torch_threads": args.threads,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "quick": args.quick,
+        "wall_s": round(time.time() - started, 1),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "rss": "VmHWM of a fresh child process per variant, config and allocator (one step)",
+    }
+    print(f"\ntotal {meta['wall_s']:.0f}s, 1-min load average {meta['load_average_1min']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"meta": meta, "configs": results, "scaling": scale, "targets": verdicts}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
