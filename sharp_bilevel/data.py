@@ -716,6 +716,38 @@ def load_dataset(name: str, root: str | Path | None = None, **kw: Any) -> Datase
 # sampling
 
 
+def class_balanced_indices(
+    labels: Tensor,
+    per_class: int,
+    num_classes: int,
+    generator: torch.Generator,
+    *,
+    what: str = "",
+) -> Tensor:
+    """Indices of ``per_class`` distinct random rows of every class, class-major.
+
+    Rows ``c * per_class, ..., (c + 1) * per_class - 1`` of the result are class ``c``; each
+    class takes the first ``per_class`` entries of one ``randperm`` of its members drawn from
+    ``generator`` (nothing else is consumed). This is MTT's layout of a synthetic set and the
+    "random real" baseline.
+
+    Raises:
+        ValueError: a class has fewer than ``per_class`` rows (the message, prefixed by
+            ``what``, names the class and both counts).
+    """
+    picks: list[Tensor] = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if members.numel() < per_class:
+            raise ValueError(
+                f"{what}class {c} has {members.numel()} images, fewer than ipc={per_class} "
+                "(images per class requested)"
+            )
+        order = torch.randperm(int(members.numel()), generator=generator, device=generator.device)
+        picks.append(members[order[:per_class].to(members.device)])
+    return torch.cat(picks)
+
+
 def sample_per_class(
     dataset: ImageDataset, per_class: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
@@ -732,14 +764,7 @@ def sample_per_class(
     """
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"per_class must be a positive int, got {per_class!r}")
-    chosen: list[Tensor] = []
-    for c, idx in enumerate(dataset.class_indices()):
-        if idx.numel() < per_class:
-            raise ValueError(
-                f"{dataset.name}: class {c} has {idx.numel()} images, fewer than the "
-                f"{per_class} per class requested"
-            )
-        chosen.append(idx[torch.randperm(idx.numel(), generator=generator)[:per_class]])
-    order = torch.cat(chosen)
-    labels = torch.arange(dataset.num_classes, dtype=torch.int64).repeat_interleave(per_class)
-    return dataset.images[order].clone(), labels
+    order = class_balanced_indices(
+        dataset.labels, per_class, dataset.num_classes, generator, what=f"{dataset.name}: "
+    )
+    return dataset.images[order].clone(), dataset.labels[order].clone()

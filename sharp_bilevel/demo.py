@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .data import class_balanced_indices
 from .optimizer import SharpBilevelOptimizer
 
 
@@ -65,14 +66,8 @@ def accuracy(w: Tensor, x: Tensor, y: Tensor) -> float:
 
 def random_real(data: Digits, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
     """``per_class`` random real training images of each class (the baseline and the init)."""
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c in range(10):
-        idx = (data.y_train == c).nonzero().flatten()
-        pick = idx[torch.randperm(len(idx), generator=gen)[:per_class]]
-        xs.append(data.x_train[pick])
-        ys.append(data.y_train[pick])
-    return torch.cat(xs), torch.cat(ys)
+    order = class_balanced_indices(data.y_train, per_class, 10, torch.Generator().manual_seed(seed))
+    return data.x_train[order], data.y_train[order]
 
 
 def distil(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import DSAParams, apply_dsa, sample_dsa
+from .data import class_balanced_indices
 from .networks import available_networks, get_network
 
 __all__ = [
@@ -539,14 +540,7 @@ def sample_class_balanced(
     if not isinstance(images, Tensor) or images.dim() < 1:
         raise TypeError("images must be a Tensor [n, ...]")
     labels = _check_hard_labels("labels", labels, int(images.shape[0]), num_classes)
-    picks: list[Tensor] = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        if members.numel() < ipc:
-            raise ValueError(f"class {c} has {members.numel()} images, fewer than ipc={ipc}")
-        order = torch.randperm(int(members.numel()), generator=generator, device=generator.device)
-        picks.append(members[order[:ipc].to(members.device)])
-    idx = torch.cat(picks)
+    idx = class_balanced_indices(labels, ipc, num_classes, generator)
     return images[idx], labels[idx]
 
 

@@ -24,6 +24,7 @@ from .adapters import datm
 from .adapters.ftd import ImageEMA
 from .augment import DSA
 from .checkpoint import atomic_save, load_checkpoint
+from .data import class_balanced_indices
 from .hypergradient import UnrollSettings
 from .networks import get_network
 from .objectives import TrajectoryMatching
@@ -149,17 +150,9 @@ def _initial_state(
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Synthetic images (random real, ``ipc`` per class), labels and ``syn_lr``."""
-    picks, labels = [], []
-    for c in range(num_classes):
-        pool = (train_labels == c).nonzero().flatten()
-        if len(pool) < config.ipc:
-            raise ValueError(
-                f"ipc={config.ipc} is larger than class {c}, which has {len(pool)} training images"
-            )
-        picks.append(pool[torch.randperm(len(pool), generator=generator)[: config.ipc]])
-        labels.append(torch.full((config.ipc,), c, dtype=torch.long))
-    images = train_images[torch.cat(picks)].clone()
-    hard = torch.cat(labels)
+    order = class_balanced_indices(train_labels, config.ipc, num_classes, generator)
+    images = train_images[order].clone()
+    hard = train_labels[order].clone()
     if config.method == "datm":
         finals = [expert[-1] for expert in experts]
         targets = datm.soft_label_logits(student, finals, images, hard).detach().clone()

@@ -344,7 +344,7 @@ def test_sample_per_class_balance_and_determinism() -> None:
 
 def test_sample_per_class_errors() -> None:
     data = _toy([5, 2, 7])
-    with pytest.raises(ValueError, match="class 1 has 2 images, fewer than the 3"):
+    with pytest.raises(ValueError, match="class 1 has 2 images, fewer than ipc=3"):
         sample_per_class(data, 3, torch.Generator())
     with pytest.raises(ValueError, match="class 3 has 0 images"):
         sample_per_class(_toy([2, 2, 2], num_classes=4), 1, torch.Generator())

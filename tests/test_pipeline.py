@@ -125,7 +125,7 @@ def test_checkpoint_write_is_atomic_when_the_writer_dies(
 def test_bad_input_fails_early_with_a_clear_message(tmp_path: Path) -> None:
     images, labels = tiny_data()
     experts = tiny_experts(epochs=3)
-    with pytest.raises(ValueError, match="ipc=7 is larger than class 0"):
+    with pytest.raises(ValueError, match="class 0 has 6 images, fewer than ipc=7"):
         distill(config(ipc=7), images, labels, CLASSES, experts)
     with pytest.raises(ValueError, match="start_epoch \\+ expert_epochs reaches epoch 4"):
         distill(config(max_start_epoch=3, expert_epochs=2), images, labels, CLASSES, experts)
