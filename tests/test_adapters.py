@@ -329,3 +329,22 @@ def test_a_non_positive_syn_lr_is_refused_and_nothing_is_left_perturbed() -> Non
     with pytest.raises(ValueError, match=r"syn_lr is -0\.01"):
         opt.step(closure)
     assert torch.equal(image_syn.detach(), before)
+
+
+def test_experts_as_flat_vectors_give_the_same_objective() -> None:
+    net = tiny_net()
+    buffer = expert_buffer(net)
+    flat_trajectory = [torch.cat([t.reshape(-1) for t in epoch]) for epoch in buffer[0]]
+    image_syn, syn_lr, label_syn = outer_variables()
+    as_lists = mtt.make_closure(
+        net, buffer[0], 1, image_syn, syn_lr, label_syn, args=mtt_args(), seed=2
+    )
+    as_flat = mtt.make_closure(
+        net, flat_trajectory, 1, image_syn, syn_lr, label_syn, args=mtt_args(), seed=2
+    )
+    for a, b in zip(
+        grads_after(as_lists, [image_syn, syn_lr]),
+        grads_after(as_flat, [image_syn, syn_lr]),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
