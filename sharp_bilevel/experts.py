@@ -138,6 +138,7 @@ def train_expert(
     optimizer: Literal["sgd", "gsam"] = "sgd",
     rho: float = 0.01,
     alpha: float = 0.4,
+    adaptive: bool = False,
     device: torch.device | str = "cpu",
     network_kwargs: dict[str, Any] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
@@ -164,10 +165,10 @@ def train_expert(
         dsa: augmentation strengths, None for none.
         optimizer: ``"sgd"`` (MTT) or ``"gsam"`` (FTD's experts: :class:`SharpBilevelOptimizer`
             with ``perturbation="gsam"`` over SGD; batch norm statistics are not updated in its
-            second pass). FTD's script also sets ``adaptive=True`` (an ASAM-style ascent); this
-            is the plain GSAM ascent.
+            second pass).
         rho: GSAM radius (FTD's scripts: 0.01).
         alpha: GSAM's surrogate-gap weight (FTD: 0.4; DATM's README: 0.3).
+        adaptive: GSAM with ASAM's ascent (FTD's buffer script runs with ``adaptive=True``).
         device: where to train; snapshots are always CPU copies.
         network_kwargs: extra arguments to ``get_network`` (``width``, ``depth``, ``norm``).
         on_epoch: called as ``on_epoch(epoch, mean_train_loss)`` after epochs ``1..E``.
@@ -208,6 +209,7 @@ def train_expert(
             perturbation="gsam",
             rho=rho,
             alpha=alpha,
+            adaptive=adaptive,
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,

@@ -1141,3 +1141,32 @@ def test_public_exports():
     for name in ("SAM", "ASAM", "GSAM", "VaSSO", "SmoothedSAM", "NoPerturbation"):
         assert issubclass(getattr(sharp_bilevel, name), PerturbationRule)
     assert sharp_bilevel.register_perturbation is register_perturbation
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaptive_gsam_is_asams_ascent_with_gsams_descent(seed: int) -> None:
+    """FTD's experts: GSAM with ``adaptive=True`` (eps = rho T^2 g / (||T g|| + xi), T = |phi|)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [
+        torch.randn(4, 3, generator=gen, dtype=torch.float64),
+        torch.randn(5, generator=gen, dtype=torch.float64),
+    ]
+    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    grads_adv = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    rule = GSAM(rho=0.3, alpha=0.25, adaptive=True)
+    eps, _ = rule.ascent(params, grads, {}, 0.1)
+    flat_p = torch.cat([p.reshape(-1) for p in params])
+    flat_g = torch.cat([g.reshape(-1) for g in grads])
+    flat_ga = torch.cat([g.reshape(-1) for g in grads_adv])
+    t = flat_p.abs()
+    expected_eps = 0.3 * t * t * flat_g / (torch.linalg.vector_norm(t * flat_g) + 1e-12)
+    torch.testing.assert_close(
+        torch.cat([e.reshape(-1) for e in eps]), expected_eps, rtol=1e-12, atol=1e-14
+    )
+    d = rule.descent(grads, grads_adv, {})
+    g_perp = flat_g - (flat_g @ flat_ga) / (flat_ga @ flat_ga + 1e-12) * flat_ga
+    torch.testing.assert_close(
+        torch.cat([x.reshape(-1) for x in d]), flat_ga - 0.25 * g_perp, rtol=1e-12, atol=1e-14
+    )
+    with pytest.raises(ValueError, match="adaptive"):
+        GSAM(adaptive=1)  # type: ignore[arg-type]

@@ -42,8 +42,14 @@ class ASAM(PerturbationRule):
     def ascent(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], state: RuleState, lr: float
     ) -> tuple[list[Tensor], RuleState]:
-        scales = [p.abs() + self.eta for p in params]
-        scaled = [t * g for t, g in zip(scales, grads, strict=True)]
-        norms = norm(scaled, self.per_sample)
-        eps = [self.rho * t * tg / (n + XI) for t, tg, n in zip(scales, scaled, norms, strict=True)]
-        return eps, state
+        return adaptive_ascent(params, grads, self.rho, self.eta, self.per_sample), state
+
+
+def adaptive_ascent(
+    params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, eta: float, per_sample: bool
+) -> list[Tensor]:
+    """``rho T^2 g / (||T g||_2 + xi)`` with ``T = |phi| + eta`` (ASAM's ascent)."""
+    scales = [p.abs() + eta for p in params]
+    scaled = [t * g for t, g in zip(scales, grads, strict=True)]
+    norms = norm(scaled, per_sample)
+    return [rho * t * tg / (n + XI) for t, tg, n in zip(scales, scaled, norms, strict=True)]

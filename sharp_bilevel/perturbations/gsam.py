@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .._tensor_ops import XI, dot
+from .asam import adaptive_ascent
 from .base import (
     PerturbationRule,
     RuleState,
@@ -29,6 +30,8 @@ class GSAM(PerturbationRule):
         g_\perp = g - \frac{\langle g, g' \rangle}{\lVert g' \rVert_2^2 + \xi} g', \qquad
         d = g' - \alpha \, g_\perp
 
+    With ``adaptive=True`` the ascent is ASAM's, ``eps = rho_t T^2 g / (||T g|| + xi)`` with
+    ``T = |phi| + eta`` (FTD's expert script uses this form with ``eta = 0``).
     ``g_perp`` is the part of ``g`` orthogonal to ``g'``; moving against it lowers the gap without
     changing the perturbed loss to first order. With ``rho_min``, ``lr_min`` and ``lr_max`` set,
     ``rho`` follows the learning rate ``lr_t`` of the first perturbed group:
@@ -42,6 +45,8 @@ class GSAM(PerturbationRule):
         lr_min: learning rate mapped to ``rho_min``.
         lr_max: learning rate mapped to ``rho``, > ``lr_min``.
         per_sample: one norm/inner product per sample instead of one for the whole set.
+        adaptive: ASAM's scale-invariant ascent instead of SAM's.
+        eta: offset of ``T`` when ``adaptive``, >= 0 (default 0, as FTD).
     """
 
     rho: float = 0.05
@@ -50,11 +55,15 @@ class GSAM(PerturbationRule):
     lr_min: float | None = None
     lr_max: float | None = None
     per_sample: bool = False
+    adaptive: bool = False
+    eta: float = 0.0
 
     def validate(self) -> None:
         check_positive("rho", self.rho)
         check_interval("alpha", self.alpha, 0.0, 1.0)
         check_bool("per_sample", self.per_sample)
+        check_bool("adaptive", self.adaptive)
+        check_nonnegative("eta", self.eta)
         schedule = (self.rho_min, self.lr_min, self.lr_max)
         if any(v is not None for v in schedule):
             if any(v is None for v in schedule):
@@ -79,7 +88,10 @@ class GSAM(PerturbationRule):
     def ascent(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], state: RuleState, lr: float
     ) -> tuple[list[Tensor], RuleState]:
-        return scaled_direction(grads, self.rho_at(lr), self.per_sample), state
+        rho = self.rho_at(lr)
+        if self.adaptive:
+            return adaptive_ascent(params, grads, rho, self.eta, self.per_sample), state
+        return scaled_direction(grads, rho, self.per_sample), state
 
     def descent(
         self, grads: Sequence[Tensor], grads_adv: Sequence[Tensor], state: RuleState
