@@ -47,11 +47,3 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor], per_sample: bool) -> list[Tens
 def norm(a: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
     """Euclidean norm ``||a||_2`` over the set (or per sample)."""
     return [s.sqrt() for s in dot(a, a, per_sample)]
-
-
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True when every element of every tensor is finite (one host sync)."""
-    if not tensors:
-        return True
-    device = tensors[0].device
-    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
