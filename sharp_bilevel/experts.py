@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .augment import DSAParams
 from .augment import dsa as _apply_dsa
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_data, tensors_sha256
 from .context import StepContext
 from .data import ImageDataset
 from .errors import NonFiniteError
@@ -40,6 +40,7 @@ __all__ = [
     "Expert",
     "expert_params",
     "expert_window",
+    "experts_fingerprint",
     "load_buffer_file",
     "load_buffers",
     "mtt_buffer_dir",
@@ -306,6 +307,12 @@ def _check_experts(experts: object, where: str) -> list[Expert]:
                         f"{where}: expert {i}, epoch {e}, parameter {k} is a "
                         f"{type(t).__name__}, not a Tensor"
                     )
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"{where}: expert {i}, epoch {e}, parameter {k} holds NaN or infinite "
+                        "values: that expert diverged or the file is corrupt (retrain it or "
+                        "drop it)"
+                    )
             if e > 0:
                 first = snapshots[0]
                 if len(snap) != len(first):
@@ -322,6 +329,13 @@ def _check_experts(experts: object, where: str) -> list[Expert]:
             snapshots.append(list(snap))
         out.append(snapshots)
     return out
+
+
+def experts_fingerprint(experts: Sequence[Sequence[Sequence[Tensor]]]) -> str:
+    """SHA-256 over the trajectories' lengths and every snapshot's shapes, dtypes and values:
+    equal fingerprints mean the same experts (a checkpoint records it to refuse others)."""
+    lengths = torch.tensor([len(expert) for expert in experts])
+    return tensors_sha256([lengths, *(t for expert in experts for snap in expert for t in snap)])
 
 
 def _own_cpu(t: Tensor) -> Tensor:
@@ -397,13 +411,7 @@ def load_buffer_file(path: str | Path) -> list[Expert]:
         ValueError: not a torch file, or not ``list[expert]`` of non-empty lists of tensors with
             consistent shapes (the message names the file, expert, epoch and parameter).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"expert buffer file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable torch expert buffer ({exc})") from exc
+    obj = load_data(path, "torch expert buffer")
     return _check_experts(obj, str(path))
 
 

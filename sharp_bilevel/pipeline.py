@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,83 +24,28 @@ from torch import Tensor
 from .adapters import datm
 from .adapters.ftd import ImageEMA
 from .augment import DSA
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries
 from .data import class_balanced_indices
-from .hypergradient import UnrollSettings
+from .diagnostics import LR_FLOOR, DistillationWarning, RunDiagnostics
+from .distill_config import METHODS, RESUMABLE_CHANGES, DistillConfig
+from .errors import NonFiniteError
+from .experts import experts_fingerprint
 from .networks import get_network
 from .objectives import TrajectoryMatching
 from .optimizer import SharpBilevelOptimizer
 from .student import FunctionalStudent
+from .validation import ConfigError
 
-METHODS = ("mtt", "ftd", "datm")
+__all__ = [
+    "METHODS",
+    "DistillConfig",
+    "DistillResult",
+    "ResumeError",
+    "check_checkpoint",
+    "distill",
+]
+
 Expert = Sequence[Sequence[Tensor]]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Settings of one distillation run (defaults sized for 8x8 digits on two CPU cores).
-
-    ``lr_img=10`` and ``lr_lr=1e-6`` were tuned on MTT alone for digits (``benchmarks/accuracy``):
-    MTT's CIFAR values (1000 / 1e-5) make MTT end below its own starting images there and
-    collapse ``syn_lr`` within a few iterations. FTD's decay is 0.98 because these runs are
-    short (FTD uses 0.999-0.9995 over thousands of iterations).
-
-    ``perturbation="satm"`` is SATM's preset: smoothed SAM (``smooth``, default 0.01) + TUH
-    (``keep``, default N/3) + TR + first-order lr. Any other registered rule name uses
-    ``keep``/``reuse``/``lr_gradient`` as given (exact BPTT by default, as MTT).
-    """
-
-    method: str = "mtt"
-    perturbation: str = "none"
-    rho: float | None = None
-    smooth: float | None = None
-    keep: int | float | None = None
-    reuse: bool | int = False
-    lr_gradient: str = "exact"
-    model: str = "ConvNet"
-    width: int | None = 32
-    ipc: int = 1
-    syn_steps: int = 10
-    expert_epochs: int = 2
-    max_start_epoch: int = 4
-    batch_syn: int | None = None
-    iterations: int = 100
-    lr_img: float = 10.0
-    lr_lr: float = 1e-6
-    lr_teacher: float = 0.01
-    lr_labels: float = 2.0
-    ema_decay: float = 0.98
-    threshold: float = 1.0
-    min_start_epoch: int = 0
-    current_max_start_epoch: int = 2
-    expansion_end_epoch: int = 50
-    dsa: bool = True
-    seed: int = 0
-    checkpoint_every: int = 25
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("lr_img", "lr_lr", "lr_teacher", "lr_labels"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name in ("ipc", "syn_steps", "expert_epochs", "max_start_epoch", "iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-
-    @property
-    def label(self) -> str:
-        """``method-perturbation``, e.g. ``mtt-satm``."""
-        return f"{self.method}-{self.perturbation}"
-
-    def unroll_settings(self) -> UnrollSettings:
-        """TUH/TR/lr settings handed to the objective through ``closure_options``."""
-        if self.perturbation.lower() == "satm":
-            return UnrollSettings.satm(1.0 / 3.0 if self.keep is None else self.keep)
-        return UnrollSettings(keep=self.keep, reuse=self.reuse, lr_gradient=self.lr_gradient)
 
 
 @dataclass
@@ -113,11 +59,30 @@ class DistillResult:
     ema_images: Tensor | None
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    diagnostics: RunDiagnostics = field(default_factory=RunDiagnostics)
 
     @property
     def soft_labels(self) -> bool:
         """True for DATM's logits ``[n, classes]``."""
         return self.labels.dim() == 2
+
+
+class ResumeError(ConfigError):
+    """A checkpoint was written by a run with other settings or other experts.
+
+    Attributes:
+        path: the checkpoint.
+        changes: setting name -> ``(value in the checkpoint, value now)``.
+    """
+
+    def __init__(self, path: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+        self.path = path
+        self.changes = changes
+        said = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changes.items())
+        super().__init__(
+            next(iter(changes)),
+            f"differs from {path}, which was written with {said}; remove it to start over",
+        )
 
 
 def _check_experts(experts: Sequence[Expert], config: DistillConfig) -> None:
@@ -130,14 +95,6 @@ def _check_experts(experts: Sequence[Expert], config: DistillConfig) -> None:
             f"start_epoch + expert_epochs reaches epoch {needed} (max_start_epoch - 1 + "
             f"expert_epochs), but the shortest expert trajectory ends at epoch {shortest}"
         )
-
-
-def _rule_kwargs(config: DistillConfig) -> dict[str, Any]:
-    name = config.perturbation.lower()
-    if name == "satm":
-        gamma = 0.01 if config.smooth is None else config.smooth
-        return {"perturbation": "ssam", "rho": config.rho, "smooth": gamma}
-    return {"perturbation": name, "rho": config.rho, "smooth": config.smooth}
 
 
 def _initial_state(
@@ -162,6 +119,48 @@ def _initial_state(
     return images, targets, syn_lr
 
 
+def check_checkpoint(
+    path: str | Path, config: DistillConfig, experts_id: str | None = None
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if ``config`` (and ``experts_id`` when given) can resume it,
+    None when there is no file.
+
+    Raises:
+        ResumeError: it was written with other settings or experts (each one is named).
+        ConfigError: it is further along than ``config.iterations``.
+        ValueError: it is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    saved: dict[str, Any] = load_checkpoint(path)
+    _check_resumable(saved, config, experts_id, path)
+    return saved
+
+
+def _check_resumable(
+    saved: dict[str, Any], config: DistillConfig, experts_id: str | None, path: Path
+) -> None:
+    """Refuse a checkpoint of other settings or experts, naming each difference."""
+    recorded = saved.get("config", {})
+    now = dataclasses.asdict(config)
+    changes = {
+        k: (recorded.get(k), now.get(k))
+        for k in config.differences(recorded)
+        if k not in RESUMABLE_CHANGES
+    }
+    if experts_id is not None and saved.get("experts_id") != experts_id:
+        changes["experts"] = (str(saved.get("experts_id"))[:12], experts_id[:12])
+    if changes:
+        raise ResumeError(path, changes)
+    if saved["iteration"] > config.iterations:
+        raise ConfigError(
+            "iterations",
+            f"must be at least {saved['iteration']} to resume {path}, which is at that "
+            f"iteration (raise it to extend the run), got {config.iterations}",
+        )
+
+
 def distill(
     config: DistillConfig,
     train_images: Tensor,
@@ -172,8 +171,14 @@ def distill(
     checkpoint: str | Path | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    experts_id: str | None = None,
 ) -> DistillResult:
     """Distil ``config.ipc`` images per class by trajectory matching against ``experts``.
+
+    At the end, one :class:`~sharp_bilevel.diagnostics.DistillationWarning` per kind of
+    trouble seen (``syn_lr`` at its floor, DATM's gate skipping most steps, skipped non-finite
+    steps, exploding images) says how often it happened; the counts are in
+    ``result.diagnostics``.
 
     Args:
         config: the run's settings.
@@ -182,9 +187,19 @@ def distill(
         num_classes: number of classes.
         experts: trajectories in MTT's format (epochs of per-parameter tensors).
         checkpoint: a file to write every ``checkpoint_every`` iterations (atomically) and to
-            resume from when it exists and holds the same config.
+            resume from when it exists. Resuming needs the same settings (``iterations`` may be
+            raised to extend a run; ``checkpoint_every`` and ``nonfinite`` may change) and the
+            same experts; the thread count should match too (a warning says when not).
         device: where the unroll runs.
         progress: called after every iteration with the iteration and its logged values.
+        experts_id: a name of the experts recorded in the checkpoint (the CLI passes its
+            manifest's identity); by default a SHA-256 of the experts' values.
+
+    Raises:
+        ResumeError: the checkpoint records other settings or experts (each one is named).
+        NonFiniteError: with ``nonfinite="raise"``, a NaN/inf outer loss or hypergradient; a
+            checkpoint at that iteration is written first, so a rerun with
+            ``nonfinite="skip"`` continues from there.
     """
     _check_experts(experts, config)
     channels, height, width = train_images.shape[1:]
@@ -220,27 +235,32 @@ def distill(
         lr=config.lr_img,
         momentum=0.5,
         seed=config.seed,
+        nonfinite=config.nonfinite,
         closure_options={"unroll": config.unroll_settings()},
-        **_rule_kwargs(config),
+        **config.rule_kwargs(),
     )
     ema = ImageEMA(images, config.ema_decay).attach(optimizer) if config.method == "ftd" else None
-    window = datm.StartEpochWindow(
-        config.min_start_epoch,
-        max(config.current_max_start_epoch, config.min_start_epoch + 1),
-        max(config.max_start_epoch, config.current_max_start_epoch, config.min_start_epoch + 1),
-        config.expansion_end_epoch,
-    )
+    window = datm.StartEpochWindow(*config.start_epoch_window(), config.expansion_end_epoch)
     augmentation = DSA() if config.dsa else None
     history: dict[str, list[float]] = {
         k: [] for k in ("loss", "perturbed_loss", "grad_norm", "sharpness", "skipped", "syn_lr")
     }
+    diagnostics = RunDiagnostics(initial_image_norm=float(images.detach().norm()))
     start_iteration, seconds = 0, 0.0
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        saved = load_checkpoint(path)
-        if saved.get("config") != dataclasses.asdict(config):
-            raise ValueError(
-                f"{path} was written by a run with other settings; remove it to start over"
+    if path is not None:
+        remove_stale_temporaries(path.parent, path.name)
+        experts_id = experts_id or experts_fingerprint(experts)
+    saved = None if path is None else check_checkpoint(path, config, experts_id)
+    if saved is not None:
+        if saved.get("threads") != torch.get_num_threads():
+            warnings.warn(
+                f"resuming {path} with {torch.get_num_threads()} threads, written with "
+                f"{saved.get('threads')}: the continuation is not bit-identical to an "
+                "uninterrupted run (float sums depend on the thread count; match it with "
+                "torch.set_num_threads)",
+                DistillationWarning,
+                stacklevel=2,
             )
         with torch.no_grad():
             images.copy_(saved["images"])
@@ -251,22 +271,26 @@ def distill(
         if ema is not None:
             ema.load_state_dict(saved["ema"])
         history = saved["history"]
+        diagnostics = RunDiagnostics(**saved["diagnostics"])
         start_iteration, seconds = saved["iteration"], saved["seconds"]
 
-    def save(iteration: int) -> None:
+    def save(iteration: int, generator_state: Tensor) -> None:
         if path is None:
             return
         atomic_save(
             {
                 "config": dataclasses.asdict(config),
+                "experts_id": experts_id,
+                "threads": torch.get_num_threads(),
                 "iteration": iteration,
                 "images": images.detach().cpu(),
                 "syn_lr": syn_lr.detach().cpu(),
                 "labels": labels.detach().cpu(),
                 "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
+                "generator": generator_state,
                 "ema": None if ema is None else ema.state_dict(),
                 "history": history,
+                "diagnostics": diagnostics.as_dict(),
                 "seconds": seconds,
             },
             path,
@@ -275,6 +299,7 @@ def distill(
     gate = datm.gate(config.threshold) if config.method == "datm" else None
     for it in range(start_iteration, config.iterations):
         began = time.perf_counter()
+        draws = generator.get_state()  # a checkpoint of iteration ``it`` replays these draws
         expert = experts[int(torch.randint(len(experts), (1,), generator=generator))]
         if config.method == "datm":
             start_epoch = window.sample(it, generator)
@@ -293,11 +318,22 @@ def distill(
             augmentation=augmentation,
             seed=int(torch.randint(2**62, (1,), generator=generator)),
         )
-        optimizer.step(closure, skip_if=gate)
+        try:
+            optimizer.step(closure, skip_if=gate)
+        except NonFiniteError as err:
+            save(it, draws)  # the optimizer restored the pre-step state
+            raise NonFiniteError(
+                f"{config.label}, outer iteration {it}: {err}. Rerun with nonfinite='skip' "
+                "(CLI: --nonfinite skip) to skip such steps and continue from "
+                f"{'the checkpoint just written' if path else 'here'}, or lower lr_img"
+            ) from err
         with torch.no_grad():  # a negative inner lr inverts the inner loop (MTT #16)
-            syn_lr.clamp_(min=1e-8)
+            clamped = bool(syn_lr < LR_FLOOR)
+            syn_lr.clamp_(min=LR_FLOOR)
+            image_norm = float(images.norm())
         report = optimizer.last_step
         assert report is not None
+        diagnostics.record(clamped=clamped, image_norm=image_norm, skipped=optimizer.skipped_steps)
         history["loss"].append(report.loss)
         history["perturbed_loss"].append(
             math.nan if report.perturbed_loss is None else report.perturbed_loss
@@ -310,7 +346,8 @@ def distill(
         if progress is not None:
             progress(it, {k: v[-1] for k, v in history.items()})
         if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
-            save(it + 1)
+            save(it + 1, generator.get_state())
+    diagnostics.warn(config.label)
     return DistillResult(
         config=config,
         images=images.detach().cpu(),
@@ -319,4 +356,5 @@ def distill(
         ema_images=None if ema is None else ema.average.detach().cpu(),
         history=history,
         seconds=seconds,
+        diagnostics=diagnostics,
     )

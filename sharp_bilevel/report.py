@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_write_text
+
 
 def image_grid(images: Tensor, columns: int) -> Tensor:
     """Tile ``[n, C, H, W]`` into one ``[H', W', C]`` array in ``[0, 1]``, each image scaled by
@@ -81,7 +83,7 @@ def save_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: st
 
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as indented JSON (NaN written as null)."""
+    """Write ``data`` as indented JSON (NaN written as null), atomically."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
@@ -92,6 +94,4 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
             return [clean(v) for v in value]
         return value
 
-    path = Path(path)
-    path.write_text(json.dumps(clean(data), indent=2, sort_keys=False) + "\n")
-    return path
+    return atomic_write_text(json.dumps(clean(data), indent=2, sort_keys=False) + "\n", path)

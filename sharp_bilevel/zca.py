@@ -25,10 +25,13 @@ kornia's float32 rounding. ``kornia`` is not a dependency.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .checkpoint import atomic_save, load_data
 
 __all__ = ["ZCA", "NotFittedError"]
 
@@ -240,6 +243,21 @@ class ZCA:
     def from_state(cls, state: dict[str, Any]) -> ZCA:
         """A new :class:`ZCA` from :meth:`state_dict`."""
         return cls().load_state_dict(state)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`state_dict` to ``path`` (atomically; tensors only)."""
+        return atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ZCA:
+        """A :class:`ZCA` from a file written by :meth:`save`, read as data only
+        (``weights_only=True``: a file that would run code is refused)."""
+        state = load_data(path, "ZCA state")
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{path}: a ZCA state is a dict of tensors, got {type(state).__name__}"
+            )
+        return cls.from_state(state)
 
     def __repr__(self) -> str:
         if self._shape is None:

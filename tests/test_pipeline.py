@@ -8,53 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from _pipeline_fixtures import CLASSES, config, tiny_data, tiny_experts
 
 from sharp_bilevel import cli
 from sharp_bilevel.checkpoint import atomic_save, load_checkpoint
-from sharp_bilevel.networks import get_network
-from sharp_bilevel.pipeline import DistillConfig, distill
-
-CLASSES = 3
-
-
-def tiny_data(seed: int = 0) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(CLASSES).repeat(6)
-    images = torch.randn(len(labels), 1, 8, 8, generator=gen) + labels.view(-1, 1, 1, 1)
-    return images, labels
-
-
-def tiny_experts(width: int = 4, epochs: int = 4, count: int = 2) -> list[list[list[Tensor]]]:
-    net = get_network("ConvNet", 1, CLASSES, (8, 8), width=width, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    experts = []
-    for _ in range(count):
-        snap = [p.detach().clone() for p in net.parameters()]
-        traj = [snap]
-        for _ in range(epochs):
-            snap = [t + 0.02 * torch.randn(t.shape, generator=gen) for t in snap]
-            traj.append(snap)
-        experts.append(traj)
-    return experts
-
-
-def config(**overrides: object) -> DistillConfig:
-    values: dict[str, object] = dict(
-        width=4,
-        ipc=2,
-        syn_steps=3,
-        expert_epochs=1,
-        max_start_epoch=3,
-        iterations=4,
-        checkpoint_every=2,
-        lr_img=10.0,
-        current_max_start_epoch=1,
-        expansion_end_epoch=4,
-        threshold=10.0,
-    )
-    values.update(overrides)
-    return DistillConfig(**values)  # type: ignore[arg-type]
+from sharp_bilevel.pipeline import distill
 
 
 class Interrupt(Exception):
@@ -137,7 +95,7 @@ def test_bad_input_fails_early_with_a_clear_message(tmp_path: Path) -> None:
         distill(config(), images, labels, CLASSES, [])
     ck = tmp_path / "c.pt"
     distill(config(iterations=2), images, labels, CLASSES, experts, checkpoint=ck)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"written with lr_img=10.0 \(now 5.0\)"):
         distill(config(iterations=2, lr_img=5.0), images, labels, CLASSES, experts, checkpoint=ck)
 
 
@@ -195,11 +153,19 @@ def test_main_job_writes_every_output_and_compares_the_runs(
         assert saved["images"].shape == (10, 1, 8, 8)
         assert (out / name / "images.png").stat().st_size > 0
     assert (out / "curves.png").stat().st_size > 0
-    assert sorted(p.name for p in (out / "experts").iterdir()) == ["replay_buffer_0.pt"]
+    assert sorted(p.name for p in (out / "experts").iterdir()) == [
+        "manifest.json",
+        "replay_buffer_0.pt",
+    ]
     # A second run reuses the experts and the finished checkpoints.
     assert cli.main([*argv, "--perturbations", "none"]) == 0
 
 
-def test_main_job_rejects_missing_buffers(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="replay_buffer"):
+def test_main_job_rejects_missing_buffers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
         cli.main(["--buffers", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert info.value.code == 2
+    assert "argument --buffers:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
