@@ -130,11 +130,11 @@ def validate_config(config: DistillConfig) -> None:
     check_int("batch_syn", config.batch_syn, 1, optional=True)
     check_seed("seed", config.seed)
     for name in ("lr_img", "lr_lr", "lr_teacher", "lr_labels", "threshold"):
-        check_real(name, getattr(config, name), 0.0, low_open=True)
-    check_real("ema_decay", config.ema_decay, 0.0, 1.0, high_open=True)
+        check_real(name, getattr(config, name), 0, low_open=True)
+    check_real("ema_decay", config.ema_decay, 0, 1, high_open=True)
     check_bool("dsa", config.dsa)
-    check_real("rho", config.rho, 0.0, low_open=True, optional=True)
-    check_real("smooth", config.smooth, 0.0, optional=True)
+    check_real("rho", config.rho, 0, low_open=True, optional=True)
+    check_real("smooth", config.smooth, 0, optional=True)
     if config.method == "datm" and config.min_start_epoch >= config.max_start_epoch:
         raise ConfigError(
             "min_start_epoch",
