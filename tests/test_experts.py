@@ -289,6 +289,11 @@ def test_reads_hand_built_mtt_files_in_numeric_order(tmp_path: Path) -> None:
         ([[[torch.zeros(2)], []]], "epoch 1 must be a non-empty list"),
         ([[[torch.zeros(2)], [torch.zeros(3)]]], r"shape \(3,\) but \(2,\) at epoch 0"),
         ([[[torch.zeros(2)], [torch.zeros(2), torch.zeros(1)]]], "2 tensors but epoch 0 has 1"),
+        (
+            [[[torch.zeros(2)]], [[torch.zeros(2)], [torch.tensor([0.0, float("nan")])]]],
+            "expert 1, epoch 1, parameter 0 holds NaN or infinite values",
+        ),
+        ([[[torch.tensor([float("inf")])]]], "expert 0, epoch 0, parameter 0 holds NaN"),
     ],
 )
 def test_malformed_buffer_files(tmp_path: Path, content: object, match: str) -> None:
