@@ -7,12 +7,13 @@ It imports every module of the installed package (``pkgutil.walk_packages``) and
 installed modules are exactly the source tree's (``adapters/`` mapped to
 ``sharp_bilevel.adapters``), that every one of them comes from this environment's site-packages,
 and that there is no top-level ``adapters`` package. An editable install cannot show a module
-missing from the wheel; this does.
+missing from the wheel; this does. It also loads the ``sharp-bilevel`` console script.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import pkgutil
 import sys
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> int:
         f"not in the source tree: {sorted(walked - expected)}"
     )
     assert importlib.util.find_spec("adapters") is None, "a top-level `adapters` is importable"
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="sharp-bilevel")
+    assert script.load() is importlib.import_module("sharp_bilevel.__main__").main
     print(f"wheel smoke: {len(walked)} modules imported from {site}")
     return 0
 
