@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import MappingProxyType
-from typing import Any
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import FrameType, MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,8 +45,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ``g``: the unperturbed baseline through the same class.
 
     Whatever happens (the closure raises, a non-finite loss or gradient, a ``skip_if`` gate, a
-    zero gradient), the parameters end either exactly at their pre-step values or at the stepped
-    values; never perturbed.
+    zero gradient, a base optimizer's step hook raises, Ctrl-C), the parameters and the state
+    (base optimizer's, rule's, counters) end either exactly as before the step or exactly
+    stepped; never perturbed, never mixed.
 
     Args:
         params: tensors or param groups, as for any ``torch.optim`` optimizer. A group may set
@@ -198,6 +203,13 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ) -> Any:
         """One sharpness-aware step; returns the first closure call's loss.
 
+        The step is all or nothing: if it raises (in the closure, the rule, ``skip_if``, a step
+        hook of the base optimizer, ``NonFiniteError``), the parameters, the base optimizer's
+        state, the rule state, the counters and the noise generator are left exactly as before
+        it. A Ctrl-C (SIGINT, main thread) interrupts the closure and user hooks as usual, but
+        waits while the step updates parameters and state, and arrives as soon as they are
+        consistent again.
+
         Args:
             closure: recomputes the outer loss, fills ``.grad`` (``backward()`` or assignment)
                 and returns the loss. A closure that accepts a positional argument receives the
@@ -209,16 +221,23 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 when it returns True the step is skipped with nothing perturbed left behind and
                 counted in ``skipped_steps["gate"]``.
         """
+        if closure is None and (self.perturbation.two_pass or self.smooth > 0):
+            raise ValueError(
+                "step() needs a closure: the perturbation evaluates the objective twice"
+            )
+        with _SigintShield() as shield:
+            return self._step(closure, skip_if, shield)
+
+    def _step(
+        self,
+        closure: Closure | None,
+        skip_if: Callable[[Any], bool] | None,
+        shield: _SigintShield,
+    ) -> Any:
         perturbed = self._perturbed_params()
         everything = self._all_params()
-        if closure is None:
-            if self.perturbation.two_pass or self.smooth > 0:
-                raise ValueError(
-                    "step() needs a closure: the perturbation evaluates the objective twice"
-                )
-            return self._finish_single_pass(None, perturbed, everything, skip_if)
-
         saved = [p.detach().clone() for p in perturbed]
+        rng = self._noise_generator.get_state() if self.smooth > 0 else None
         scratch: dict[str, Any] = {}
         stepped = False
         try:
@@ -226,14 +245,11 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 noise = smoothing_noise(perturbed, self.smooth, self._noise_generator)
                 with torch.no_grad():
                     torch._foreach_add_(perturbed, noise)
-            loss = self._call(closure, ASCENT, scratch, everything)
+            loss = None
+            if closure is not None:
+                loss = self._call(closure, ASCENT, scratch, everything, shield)
             if self.smooth > 0:
                 _copy_into(perturbed, saved)
-            if not self.perturbation.two_pass:
-                result = self._finish_single_pass(loss, perturbed, everything, skip_if)
-                stepped = self.last_step is not None and self.last_step.skipped is None
-                return result
-
             grads = _grads_or_zeros(perturbed)
             had_grad = [p.grad is not None for p in perturbed]
             loss_value, grad_norm, problem = _inspect(loss, grads, everything)
@@ -241,39 +257,67 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 return self._skip_nonfinite(
                     loss, loss_value, grad_norm, f"{problem} in the ascent pass"
                 )
-            if skip_if is not None and skip_if(loss):
-                return self._skip(loss, loss_value, grad_norm, "gate")
+            if skip_if is not None:
+                with shield.open():
+                    gate = skip_if(loss)
+                if gate:
+                    return self._skip(loss, loss_value, grad_norm, "gate")
 
-            eps, new_state = self.perturbation.ascent(
-                [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
-            )
-            with torch.no_grad():
-                torch._foreach_add_(perturbed, eps)
-            perturbed_loss = self._call(closure, DESCENT, scratch, everything)
-            _copy_into(perturbed, saved)
+            new_state, adv_value = self._rule_state, None
+            if self.perturbation.two_pass and closure is not None:
+                with shield.open():
+                    eps, new_state = self.perturbation.ascent(
+                        [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
+                    )
+                with torch.no_grad():
+                    torch._foreach_add_(perturbed, eps)
+                perturbed_loss = self._call(closure, DESCENT, scratch, everything, shield)
+                _copy_into(perturbed, saved)
+                grads_adv = _grads_or_zeros(perturbed)
+                adv_value, _, problem = _inspect(perturbed_loss, grads_adv, everything)
+                if problem:
+                    return self._skip_nonfinite(
+                        loss, loss_value, grad_norm, f"{problem} in the descent pass"
+                    )
+                with shield.open():
+                    direction = self.perturbation.descent(grads, grads_adv, new_state)
+                for p, d, had in zip(perturbed, direction, had_grad, strict=True):
+                    p.grad = d if (had or p.grad is not None) else None
 
-            grads_adv = _grads_or_zeros(perturbed)
-            adv_value, _, problem = _inspect(perturbed_loss, grads_adv, everything)
-            if problem:
-                return self._skip_nonfinite(
-                    loss, loss_value, grad_norm, f"{problem} in the descent pass"
-                )
-            direction = self.perturbation.descent(grads, grads_adv, new_state)
-            for p, d, had in zip(perturbed, direction, had_grad, strict=True):
-                p.grad = d if (had or p.grad is not None) else None
-
-            self.base_optimizer.step()
-            stepped = True
+            self._base_step(perturbed, saved)
             self._rule_state = new_state
             self.steps_taken += 1
             self.last_step = StepReport(loss_value, adv_value, grad_norm)
+            stepped = True
             return loss
+        except BaseException:
+            if rng is not None:
+                self._noise_generator.set_state(rng)
+            raise
         finally:
             if not stepped:
                 _copy_into(perturbed, saved)
 
+    def _base_step(self, perturbed: list[Tensor], saved: list[Tensor]) -> None:
+        """``base_optimizer.step()``, all or nothing: if it raises (a step hook, say), every
+        parameter and the base optimizer's state are put back exactly, in place."""
+        others = [p for g in self.param_groups if not g["perturb"] for p in g["params"]]
+        others_saved = [p.detach().clone() for p in others]
+        state_saved = _snapshot_state(self.base_optimizer.state)
+        try:
+            self.base_optimizer.step()
+        except BaseException:
+            _copy_into(perturbed + others, saved + others_saved)
+            _restore_state(self.base_optimizer.state, state_saved)
+            raise
+
     def _call(
-        self, closure: Closure, phase: Phase, scratch: dict[str, Any], params: list[Tensor]
+        self,
+        closure: Closure,
+        phase: Phase,
+        scratch: dict[str, Any],
+        params: list[Tensor],
+        shield: _SigintShield,
     ) -> Any:
         for p in params:
             p.grad = None
@@ -285,32 +329,12 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             scratch=scratch,
             options=self.closure_options,
         )
-        with torch.enable_grad():
+        with torch.enable_grad(), shield.open():
             loss = closure(context) if _takes_context(closure) else closure()
         if loss is None:
             raise TypeError(
                 "the closure must return the loss (a scalar tensor or a number), got None"
             )
-        return loss
-
-    def _finish_single_pass(
-        self,
-        loss: Any,
-        perturbed: list[Tensor],
-        everything: list[Tensor],
-        skip_if: Callable[[Any], bool] | None,
-    ) -> Any:
-        grads = _grads_or_zeros(perturbed)
-        loss_value, grad_norm, problem = _inspect(loss, grads, everything)
-        if problem:
-            return self._skip_nonfinite(
-                loss, loss_value, grad_norm, f"{problem} in the ascent pass"
-            )
-        if skip_if is not None and skip_if(loss):
-            return self._skip(loss, loss_value, grad_norm, "gate")
-        self.base_optimizer.step()
-        self.steps_taken += 1
-        self.last_step = StepReport(loss_value, None, grad_norm)
         return loss
 
     def _skip(self, loss: Any, loss_value: float, grad_norm: float, reason: str) -> Any:
@@ -493,6 +517,96 @@ def _inspect(
     if grads_finite != 1.0:
         return loss_value, float("nan"), "non-finite gradient"
     return loss_value, math.sqrt(sq_norm), ""
+
+
+class _SigintShield:
+    """Defers SIGINT (Ctrl-C) during a step, except inside ``open()`` sections.
+
+    Python runs a signal handler between any two bytecodes, so a KeyboardInterrupt could land
+    between the base optimizer's update of one tensor and the next. Within the shield an
+    interrupt is recorded and handed to the previous handler (normally raising
+    KeyboardInterrupt) when the shield closes, or at once inside ``open()`` sections (the
+    closure calls and user callbacks, where unwinding leaves a consistent state). Signals reach
+    only the main thread; elsewhere, or when SIGINT is not handled in Python, this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Callable[[int, FrameType | None], Any] | None = None
+        self._pending: tuple[int, FrameType | None] | None = None
+        self._open = False
+
+    def __enter__(self) -> _SigintShield:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._open = False
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._deliver()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._pending = (signum, frame)
+        if self._open:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        if self._pending is not None and self._previous is not None:
+            pending, self._pending = self._pending, None
+            self._previous(*pending)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        """A section an interrupt may cut short; one that is pending arrives on entry."""
+        self._open = True
+        try:
+            self._deliver()
+            yield
+        finally:
+            self._open = False
+
+
+class _SavedTensor(NamedTuple):
+    original: Tensor
+    value: Tensor
+
+
+_StateSnapshot = list[tuple[Any, dict[str, Any], dict[str, Any]]]
+
+
+def _snapshot_state(state: Mapping[Any, dict[str, Any]]) -> _StateSnapshot:
+    """Each entry of a base optimizer's state: its dict, and its values (tensors cloned)."""
+    return [
+        (
+            key,
+            entry,
+            {
+                name: _SavedTensor(v, v.clone()) if isinstance(v, Tensor) else copy.deepcopy(v)
+                for name, v in entry.items()
+            },
+        )
+        for key, entry in state.items()
+    ]
+
+
+def _restore_state(state: dict[Any, dict[str, Any]], snapshot: _StateSnapshot) -> None:
+    """Put a base optimizer's state back as snapshotted, in place (same dicts and tensors)."""
+    kept = {id(key) for key, _, _ in snapshot}
+    for key in [k for k in state if id(k) not in kept]:
+        del state[key]
+    with torch.no_grad():
+        for key, entry, values in snapshot:
+            entry.clear()
+            for name, value in values.items():
+                if isinstance(value, _SavedTensor):
+                    entry[name] = value.original.copy_(value.value)
+                else:
+                    entry[name] = value
+            state[key] = entry
 
 
 def _clone_state(state: RuleState) -> RuleState:
