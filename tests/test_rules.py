@@ -742,7 +742,7 @@ def test_bad_name_types(bad):
 
 @pytest.mark.parametrize(
     ("name", "hyper", "unknown"),
-    [("sam", {"eta": 0.1}, "eta"), ("none", {"rho": 0.1}, "rho"), ("vasso", {"alpha": 1}, "alpha")],
+    [("sam", {"eta": 0.1}, "eta"), ("none", {"eta": 0.1}, "eta"), ("vasso", {"alpha": 1}, "alpha")],
 )
 def test_unknown_hyperparameter_is_a_type_error_naming_it(name, hyper, unknown):
     with pytest.raises(TypeError, match=unknown):
