@@ -676,8 +676,9 @@ class _SigintShield:
         if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGINT)
             if callable(previous):
-                self._previous = previous
-                signal.signal(signal.SIGINT, self._handle)
+                with contextlib.suppress(ValueError):  # a subinterpreter: no signals here
+                    signal.signal(signal.SIGINT, self._handle)
+                    self._previous = previous
         return self
 
     def __exit__(self, *exc_info: object) -> None:

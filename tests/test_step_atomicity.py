@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import signal
 import sys
+import threading
 
 import pytest
 import torch
@@ -204,3 +205,29 @@ def test_sigint_at_every_line_of_a_step_leaves_it_pre_step_or_stepped(base):
     # interrupts in the closures undo the step; from the base step on they wait for its end
     assert outcomes["pre"] > 0
     assert outcomes["stepped"] > 0
+
+
+def test_steps_off_the_main_thread_or_with_sigint_ignored_leave_the_handler_alone():
+    opt, params, closure = _build("sgd_momentum")
+    twin, twin_params, twin_closure = _build("sgd_momentum")
+    seen = []
+
+    def watching(ctx):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return closure(ctx)
+
+    handler = signal.getsignal(signal.SIGINT)
+    worker = threading.Thread(target=opt.step, args=(watching,))
+    worker.start()
+    worker.join()
+    assert seen == [handler, handler]  # no shield outside the main thread
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        opt.step(watching)
+        assert seen[2:] == [signal.SIG_IGN, signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    twin.step(twin_closure)
+    twin.step(twin_closure)
+    assert _same(_snapshot(opt, params), _snapshot(twin, twin_params))
