@@ -508,8 +508,11 @@ def _split_kwargs(
                 )
             rule_kwargs[name] = value
             continue
+        if name in base_names or open_signature:
+            base_kwargs[name] = value
+            continue
         hint = owners_hint([name], rule)
-        if name in base_names or open_signature or not (is_class or hint):
+        if not (is_class or hint):
             base_kwargs[name] = value  # an instance refuses these below, with its own message
             continue
         takes = f"perturbation {rule!r} (which accepts {', '.join(sorted(rule_names)) or 'none'})"
