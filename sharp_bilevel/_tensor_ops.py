@@ -8,12 +8,17 @@ tensors. Two scopes exist:
   synthetic image), and each sample gets its own sum, returned with shape ``[n, 1, ..., 1]`` so it
   broadcasts against that tensor. A 0-d tensor is one sample.
 
-Functions return one broadcastable tensor per input tensor, so callers can write
-``[rho * g / (n + XI) for g, n in zip(grads, norms)]`` for either scope.
+Functions return one broadcastable tensor per input tensor, in that tensor's dtype, so callers
+can write ``[rho * g / (n + XI) for g, n in zip(grads, norms)]`` for either scope and every
+result keeps its parameter's dtype. A whole-set sum accumulates in the promoted dtype of the set
+(at least float32) before it is cast back to each tensor's dtype: a float32 scalar beside a
+float64 tensor gets a float32 result, a bfloat16 tensor beside float32 ones a bfloat16 result
+from a float32 total.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +40,10 @@ def reduce_sum(tensors: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
         return [_sample_sum(t) for t in tensors]
     if not tensors:
         return []
-    total = torch.stack([t.sum() for t in tensors]).sum()
-    return [total] * len(tensors)
+    acc = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    total = torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
+    cast = {dtype: total.to(dtype) for dtype in {t.dtype for t in tensors}}
+    return [cast[t.dtype] for t in tensors]
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor], per_sample: bool) -> list[Tensor]:

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import MappingProxyType
-from typing import Any
+import numbers
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import FrameType, MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .context import ASCENT, DESCENT, Phase, StepContext, StepReport
 from .errors import NonFiniteError
-from .perturbations.base import PerturbationRule, RuleState
-from .perturbations.registry import get_perturbation, rule_parameters
+from .perturbations.base import PerturbationRule, RuleState, is_number
+from .perturbations.registry import (
+    canonical_name,
+    get_perturbation,
+    owners_hint,
+    rule_parameters,
+)
 from .smoothing import smoothing_noise
 
 Closure = Callable[..., Any]
@@ -41,8 +51,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ``g``: the unperturbed baseline through the same class.
 
     Whatever happens (the closure raises, a non-finite loss or gradient, a ``skip_if`` gate, a
-    zero gradient), the parameters end either exactly at their pre-step values or at the stepped
-    values; never perturbed.
+    zero gradient, a base optimizer's step hook raises, Ctrl-C), the parameters and the state
+    (base optimizer's, rule's, counters) end either exactly as before the step or exactly
+    stepped; never perturbed, never mixed.
 
     Args:
         params: tensors or param groups, as for any ``torch.optim`` optimizer. A group may set
@@ -53,19 +64,22 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         perturbation: a registered rule name (``"none"``, ``"sam"``, ``"asam"``, ``"gsam"``,
             ``"vasso"``, ``"ssam"``, aliases, user rules; case-insensitive) or a
             ``PerturbationRule`` instance.
-        rho: the rule's radius (the rule's default when None).
+        rho: the rule's radius (the rule's default when None; ``"none"`` ignores it, with a
+            ``UserWarning``).
         smooth: relative size ``gamma >= 0`` of SATM's smoothing noise before the ascent call
             (``Delta_j = gamma ||phi_j|| / sqrt(d_j) z`` per sample); None takes the rule's
             default (``gamma`` for ``"ssam"``, 0 otherwise).
         nonfinite: ``"raise"`` (default: raise ``NonFiniteError``) or ``"skip"`` (skip the step
             and count it in ``skipped_steps``) when a loss or gradient is NaN or infinite.
-        seed: seed of the optimizer's own noise generator (drawn from torch's global generator
-            at construction when None and smoothing is on).
-        closure_options: read-only settings passed to one-argument closures as ``ctx.options``.
+        seed: seed of the optimizer's own noise generator, an int in ``[0, 2**63 - 1]`` (drawn
+            from torch's global generator at construction when None and smoothing is on).
+        closure_options: a mapping of read-only settings passed to one-argument closures as
+            ``ctx.options``.
         perturbation_kwargs: rule hyperparameters given explicitly.
         **kwargs: hyperparameters of the rule (any name the rule has, e.g. ``eta``, ``alpha``,
             ``theta``, ``per_sample``) and the base optimizer's keyword arguments (``lr``,
-            ``momentum``, ...).
+            ``momentum``, ...). A name that neither takes raises ``TypeError``. Every ``lr``
+            (here or in a param group) must be a finite number >= 0.
 
     Examples:
         >>> import torch
@@ -102,19 +116,38 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 "base_optimizer must be a torch.optim.Optimizer subclass or instance, "
                 f"got {base_optimizer!r}"
             )
+        # Every argument is checked before anything is built.
+        for name, mapping in (
+            ("closure_options", closure_options),
+            ("perturbation_kwargs", perturbation_kwargs),
+        ):
+            if mapping is not None and not isinstance(mapping, Mapping):
+                raise TypeError(f"{name} must be a mapping or None, got {type(mapping).__name__}")
+        if seed is not None and not (
+            isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**63
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1] or None, got {seed!r}")
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
         rule_kwargs, base_kwargs = _split_kwargs(perturbation, base_optimizer, kwargs)
         rule_kwargs.update(perturbation_kwargs or {})
         if rho is not None:
             rule_kwargs["rho"] = rho
         self.perturbation: PerturbationRule = get_perturbation(perturbation, **rule_kwargs)
-
-        if nonfinite not in _NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         gamma = self.perturbation.default_smooth if smooth is None else smooth
-        if not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"smooth must be a finite number >= 0, got {smooth!r}")
+        if not (is_number(gamma) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(
+                f"smooth must be a finite number >= 0 (None: the rule's default), got {smooth!r}"
+            )
         self.smooth = float(gamma)
+        if is_class and "lr" in base_kwargs:
+            _check_lr(base_kwargs["lr"], "lr")
+        if params is not None and not isinstance(params, Tensor):
+            params = list(params)  # as torch.optim does; lets the groups' lr be checked first
+            for i, group in enumerate(params):
+                if isinstance(group, dict) and "lr" in group:
+                    _check_lr(group["lr"], f"param group {i}'s lr")
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
@@ -145,7 +178,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item()) if self.smooth > 0 else 0
         self._noise_generator = torch.Generator(device="cpu")
-        self._noise_generator.manual_seed(seed)
+        self._noise_generator.manual_seed(int(seed))
         self.closure_options: Mapping[str, Any] = MappingProxyType(dict(closure_options or {}))
         self._rule_state: RuleState = self.perturbation.init(self._perturbed_params())
         self.steps_taken = 0
@@ -158,12 +191,14 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = {**self.base_optimizer.defaults, "perturb": True}
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             group.setdefault("perturb", True)
             if not isinstance(group["perturb"], bool):
                 raise ValueError(
                     f"a param group's perturb must be True or False, got {group['perturb']!r}"
                 )
+            if "lr" in group:
+                _check_lr(group["lr"], f"param group {i}'s lr")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (``perturb`` defaults to True); the base optimizer gets it too.
@@ -175,6 +210,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         param_group.setdefault("perturb", True)
+        if "lr" in param_group:
+            _check_lr(param_group["lr"], f"param group {len(self.param_groups)}'s lr")
         self.base_optimizer.add_param_group(param_group)
         self._link_base()
         if param_group["perturb"]:
@@ -198,6 +235,13 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ) -> Any:
         """One sharpness-aware step; returns the first closure call's loss.
 
+        The step is all or nothing: if it raises (in the closure, the rule, ``skip_if``, a step
+        hook of the base optimizer, ``NonFiniteError``), the parameters, the base optimizer's
+        state, the rule state, the counters and the noise generator are left exactly as before
+        it. A Ctrl-C (SIGINT, main thread) interrupts the closure and user hooks as usual, but
+        waits while the step updates parameters and state, and arrives as soon as they are
+        consistent again.
+
         Args:
             closure: recomputes the outer loss, fills ``.grad`` (``backward()`` or assignment)
                 and returns the loss. A closure that accepts a positional argument receives the
@@ -209,16 +253,23 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 when it returns True the step is skipped with nothing perturbed left behind and
                 counted in ``skipped_steps["gate"]``.
         """
+        if closure is None and (self.perturbation.two_pass or self.smooth > 0):
+            raise ValueError(
+                "step() needs a closure: the perturbation evaluates the objective twice"
+            )
+        with _SigintShield() as shield:
+            return self._step(closure, skip_if, shield)
+
+    def _step(
+        self,
+        closure: Closure | None,
+        skip_if: Callable[[Any], bool] | None,
+        shield: _SigintShield,
+    ) -> Any:
         perturbed = self._perturbed_params()
         everything = self._all_params()
-        if closure is None:
-            if self.perturbation.two_pass or self.smooth > 0:
-                raise ValueError(
-                    "step() needs a closure: the perturbation evaluates the objective twice"
-                )
-            return self._finish_single_pass(None, perturbed, everything, skip_if)
-
         saved = [p.detach().clone() for p in perturbed]
+        rng = self._noise_generator.get_state() if self.smooth > 0 else None
         scratch: dict[str, Any] = {}
         stepped = False
         try:
@@ -226,14 +277,12 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 noise = smoothing_noise(perturbed, self.smooth, self._noise_generator)
                 with torch.no_grad():
                     torch._foreach_add_(perturbed, noise)
-            loss = self._call(closure, ASCENT, scratch, everything)
+            loss = None
+            if closure is not None:
+                loss = self._call(closure, ASCENT, scratch, everything, shield)
             if self.smooth > 0:
                 _copy_into(perturbed, saved)
-            if not self.perturbation.two_pass:
-                result = self._finish_single_pass(loss, perturbed, everything, skip_if)
-                stepped = self.last_step is not None and self.last_step.skipped is None
-                return result
-
+            self._refuse_sparse_grads()
             grads = _grads_or_zeros(perturbed)
             had_grad = [p.grad is not None for p in perturbed]
             loss_value, grad_norm, problem = _inspect(loss, grads, everything)
@@ -241,39 +290,107 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 return self._skip_nonfinite(
                     loss, loss_value, grad_norm, f"{problem} in the ascent pass"
                 )
-            if skip_if is not None and skip_if(loss):
-                return self._skip(loss, loss_value, grad_norm, "gate")
+            if skip_if is not None:
+                with shield.open():
+                    gate = skip_if(loss)
+                if gate:
+                    return self._skip(loss, loss_value, grad_norm, "gate")
 
-            eps, new_state = self.perturbation.ascent(
-                [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
-            )
-            with torch.no_grad():
-                torch._foreach_add_(perturbed, eps)
-            perturbed_loss = self._call(closure, DESCENT, scratch, everything)
-            _copy_into(perturbed, saved)
+            new_state, adv_value = self._rule_state, None
+            if self.perturbation.two_pass and closure is not None:
+                with shield.open():
+                    eps, new_state = self._ascent(perturbed, grads)
+                with torch.no_grad():
+                    torch._foreach_add_(perturbed, eps)
+                perturbed_loss = self._call(closure, DESCENT, scratch, everything, shield)
+                _copy_into(perturbed, saved)
+                self._refuse_sparse_grads()
+                grads_adv = _grads_or_zeros(perturbed)
+                adv_value, _, problem = _inspect(perturbed_loss, grads_adv, everything)
+                if problem:
+                    return self._skip_nonfinite(
+                        loss, loss_value, grad_norm, f"{problem} in the descent pass"
+                    )
+                with shield.open():
+                    direction = self._descent(perturbed, grads, grads_adv, new_state)
+                for p, d, had in zip(perturbed, direction, had_grad, strict=True):
+                    p.grad = d if (had or p.grad is not None) else None
 
-            grads_adv = _grads_or_zeros(perturbed)
-            adv_value, _, problem = _inspect(perturbed_loss, grads_adv, everything)
-            if problem:
-                return self._skip_nonfinite(
-                    loss, loss_value, grad_norm, f"{problem} in the descent pass"
-                )
-            direction = self.perturbation.descent(grads, grads_adv, new_state)
-            for p, d, had in zip(perturbed, direction, had_grad, strict=True):
-                p.grad = d if (had or p.grad is not None) else None
-
-            self.base_optimizer.step()
-            stepped = True
+            self._base_step(perturbed, saved)
             self._rule_state = new_state
             self.steps_taken += 1
             self.last_step = StepReport(loss_value, adv_value, grad_norm)
+            stepped = True
             return loss
+        except BaseException:
+            if rng is not None:
+                self._noise_generator.set_state(rng)
+            raise
         finally:
             if not stepped:
                 _copy_into(perturbed, saved)
 
+    def _ascent(
+        self, perturbed: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], RuleState]:
+        """The rule's ``(eps, new_state)``, checked (user rules may return anything)."""
+        where = f"{type(self.perturbation).__name__}.ascent()"
+        result: object = self.perturbation.ascent(
+            [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
+        )
+        if not (isinstance(result, tuple | list) and len(result) == 2):
+            raise TypeError(f"{where} must return a pair (eps, new_state), got {_describe(result)}")
+        eps, new_state = result
+        if not isinstance(new_state, dict):
+            raise TypeError(
+                f"{where} must return a pair (eps, new_state) with new_state a dict, got "
+                f"{_describe(result)}"
+            )
+        return _checked_tensors(where, "eps", eps, perturbed), new_state
+
+    def _descent(
+        self,
+        perturbed: list[Tensor],
+        grads: list[Tensor],
+        grads_adv: list[Tensor],
+        state: RuleState,
+    ) -> list[Tensor]:
+        """The rule's descent direction, checked."""
+        where = f"{type(self.perturbation).__name__}.descent()"
+        direction: object = self.perturbation.descent(grads, grads_adv, state)
+        return _checked_tensors(where, "the direction", direction, perturbed)
+
+    def _refuse_sparse_grads(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout is not torch.strided:
+                    raise TypeError(
+                        f"param group {i}, parameter {k} (shape {tuple(p.shape)}) has a sparse "
+                        f"gradient ({p.grad.layout}); SharpBilevelOptimizer needs dense "
+                        "gradients (e.g. nn.Embedding(..., sparse=False)); the parameters were "
+                        "restored to their pre-step values"
+                    )
+
+    def _base_step(self, perturbed: list[Tensor], saved: list[Tensor]) -> None:
+        """``base_optimizer.step()``, all or nothing: if it raises (a step hook, say), every
+        parameter and the base optimizer's state are put back exactly, in place."""
+        others = [p for g in self.param_groups if not g["perturb"] for p in g["params"]]
+        others_saved = [p.detach().clone() for p in others]
+        state_saved = _snapshot_state(self.base_optimizer.state)
+        try:
+            self.base_optimizer.step()
+        except BaseException:
+            _copy_into(perturbed + others, saved + others_saved)
+            _restore_state(self.base_optimizer.state, state_saved)
+            raise
+
     def _call(
-        self, closure: Closure, phase: Phase, scratch: dict[str, Any], params: list[Tensor]
+        self,
+        closure: Closure,
+        phase: Phase,
+        scratch: dict[str, Any],
+        params: list[Tensor],
+        shield: _SigintShield,
     ) -> Any:
         for p in params:
             p.grad = None
@@ -285,32 +402,12 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             scratch=scratch,
             options=self.closure_options,
         )
-        with torch.enable_grad():
+        with torch.enable_grad(), shield.open():
             loss = closure(context) if _takes_context(closure) else closure()
         if loss is None:
             raise TypeError(
                 "the closure must return the loss (a scalar tensor or a number), got None"
             )
-        return loss
-
-    def _finish_single_pass(
-        self,
-        loss: Any,
-        perturbed: list[Tensor],
-        everything: list[Tensor],
-        skip_if: Callable[[Any], bool] | None,
-    ) -> Any:
-        grads = _grads_or_zeros(perturbed)
-        loss_value, grad_norm, problem = _inspect(loss, grads, everything)
-        if problem:
-            return self._skip_nonfinite(
-                loss, loss_value, grad_norm, f"{problem} in the ascent pass"
-            )
-        if skip_if is not None and skip_if(loss):
-            return self._skip(loss, loss_value, grad_norm, "gate")
-        self.base_optimizer.step()
-        self.steps_taken += 1
-        self.last_step = StepReport(loss_value, None, grad_norm)
         return loss
 
     def _skip(self, loss: Any, loss_value: float, grad_norm: float, reason: str) -> Any:
@@ -379,28 +476,95 @@ def _split_kwargs(
     base_optimizer: Any,
     kwargs: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Route keyword arguments: the rule's hyperparameters to the rule, the rest to the base."""
+    """Route keyword arguments: the rule's hyperparameters to the rule, the rest to the base.
+
+    A name that neither takes is refused here, before anything is built, with what each accepts.
+    """
     if isinstance(perturbation, str):
-        rule_names = rule_parameters(perturbation)
+        rule_names, rule = rule_parameters(perturbation), canonical_name(perturbation)
     elif dataclasses.is_dataclass(perturbation):
         # Hyperparameters given beside an instance reach get_perturbation, which refuses them.
         rule_names = frozenset(f.name for f in dataclasses.fields(perturbation))
+        rule = type(perturbation).__name__
     else:
-        rule_names = frozenset()
-    base_names: set[str] = set()
-    if isinstance(base_optimizer, type):
-        base_names = set(inspect.signature(base_optimizer).parameters)
+        rule_names, rule = frozenset(), type(perturbation).__name__
+    is_class = isinstance(base_optimizer, type)
+    base_names: frozenset[str] = frozenset()
+    open_signature = False  # a base class taking **kwargs
+    if is_class:
+        parameters = inspect.signature(base_optimizer).parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        base_names = frozenset(p.name for p in parameters if p.kind in named) - {"params"}
+        open_signature = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     rule_kwargs: dict[str, Any] = {}
     base_kwargs: dict[str, Any] = {}
     for name, value in kwargs.items():
-        if name in rule_names and name in base_names:
-            raise ValueError(
-                f"{name!r} is both a hyperparameter of the perturbation and an "
-                f"argument of {base_optimizer.__name__}; pass it in perturbation_kwargs or build "
-                "the base optimizer yourself"
-            )
-        (rule_kwargs if name in rule_names else base_kwargs)[name] = value
+        if name in rule_names:
+            if name in base_names:
+                raise ValueError(
+                    f"{name!r} is both a hyperparameter of the perturbation and an argument of "
+                    f"{base_optimizer.__name__}; pass it in perturbation_kwargs or build the base "
+                    "optimizer yourself"
+                )
+            rule_kwargs[name] = value
+            continue
+        if name in base_names or open_signature:
+            base_kwargs[name] = value
+            continue
+        hint = owners_hint([name], rule)
+        if not (is_class or hint):
+            base_kwargs[name] = value  # an instance refuses these below, with its own message
+            continue
+        takes = f"perturbation {rule!r} (which accepts {', '.join(sorted(rule_names)) or 'none'})"
+        if is_class:
+            base = f"{base_optimizer.__name__} (which accepts {', '.join(sorted(base_names))})"
+        else:
+            base = "a base_optimizer instance (set its arguments on it)"
+        raise TypeError(
+            f"unexpected keyword argument {name!r}: not a hyperparameter of {takes} nor an "
+            f"argument of {base}{hint}"
+        )
     return rule_kwargs, base_kwargs
+
+
+def _describe(value: object) -> str:
+    """``"a tuple of length 2 (list, dict)"``, ``"a Tensor"``: what a user function returned."""
+    if isinstance(value, list | tuple):
+        items = f" ({', '.join(type(v).__name__ for v in value)})" if len(value) <= 4 else ""
+        return f"a {type(value).__name__} of length {len(value)}{items}"
+    return f"a {type(value).__name__}"
+
+
+def _checked_tensors(where: str, what: str, values: object, params: list[Tensor]) -> list[Tensor]:
+    """``values`` as a list of tensors shaped, typed and placed like ``params`` (or raise)."""
+    if not isinstance(values, list | tuple):
+        raise TypeError(
+            f"{where} must return {what} as a list with one tensor per perturbed parameter, "
+            f"got {_describe(values)}"
+        )
+    if len(values) != len(params):
+        raise ValueError(
+            f"{where} returned {len(values)} tensors as {what} for {len(params)} perturbed "
+            "parameters"
+        )
+    for k, (v, p) in enumerate(zip(values, params, strict=True)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{where}: {what}[{k}] must be a tensor, got {_describe(v)}")
+        if v.shape != p.shape or v.dtype != p.dtype or v.device != p.device:
+            raise ValueError(
+                f"{where}: {what}[{k}] has shape {tuple(v.shape)}, {v.dtype} on {v.device}, "
+                f"but its parameter has shape {tuple(p.shape)}, {p.dtype} on {p.device}"
+            )
+    return list(values)
+
+
+def _check_lr(lr: Any, what: str) -> None:
+    """A learning rate must be a finite real number >= 0 (a one-element float tensor too)."""
+    value = lr
+    if isinstance(lr, Tensor) and lr.numel() == 1 and lr.is_floating_point():
+        value = lr.item()
+    if not (is_number(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {lr!r}")
 
 
 def _adopt_groups(
@@ -493,6 +657,97 @@ def _inspect(
     if grads_finite != 1.0:
         return loss_value, float("nan"), "non-finite gradient"
     return loss_value, math.sqrt(sq_norm), ""
+
+
+class _SigintShield:
+    """Defers SIGINT (Ctrl-C) during a step, except inside ``open()`` sections.
+
+    Python runs a signal handler between any two bytecodes, so a KeyboardInterrupt could land
+    between the base optimizer's update of one tensor and the next. Within the shield an
+    interrupt is recorded and handed to the previous handler (normally raising
+    KeyboardInterrupt) when the shield closes, or at once inside ``open()`` sections (the
+    closure calls and user callbacks, where unwinding leaves a consistent state). Signals reach
+    only the main thread; elsewhere, or when SIGINT is not handled in Python, this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Callable[[int, FrameType | None], Any] | None = None
+        self._pending: tuple[int, FrameType | None] | None = None
+        self._open = False
+
+    def __enter__(self) -> _SigintShield:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                with contextlib.suppress(ValueError):  # a subinterpreter: no signals here
+                    signal.signal(signal.SIGINT, self._handle)
+                    self._previous = previous
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._open = False
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._deliver()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._pending = (signum, frame)
+        if self._open:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        if self._pending is not None and self._previous is not None:
+            pending, self._pending = self._pending, None
+            self._previous(*pending)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        """A section an interrupt may cut short; one that is pending arrives on entry."""
+        self._open = True
+        try:
+            self._deliver()
+            yield
+        finally:
+            self._open = False
+
+
+class _SavedTensor(NamedTuple):
+    original: Tensor
+    value: Tensor
+
+
+_StateSnapshot = list[tuple[Any, dict[str, Any], dict[str, Any]]]
+
+
+def _snapshot_state(state: Mapping[Any, dict[str, Any]]) -> _StateSnapshot:
+    """Each entry of a base optimizer's state: its dict, and its values (tensors cloned)."""
+    return [
+        (
+            key,
+            entry,
+            {
+                name: _SavedTensor(v, v.clone()) if isinstance(v, Tensor) else copy.deepcopy(v)
+                for name, v in entry.items()
+            },
+        )
+        for key, entry in state.items()
+    ]
+
+
+def _restore_state(state: dict[Any, dict[str, Any]], snapshot: _StateSnapshot) -> None:
+    """Put a base optimizer's state back as snapshotted, in place (same dicts and tensors)."""
+    kept = {id(key) for key, _, _ in snapshot}
+    for key in [k for k in state if id(k) not in kept]:
+        del state[key]
+    with torch.no_grad():
+        for key, entry, values in snapshot:
+            entry.clear()
+            for name, value in values.items():
+                if isinstance(value, _SavedTensor):
+                    entry[name] = value.original.copy_(value.value)
+                else:
+                    entry[name] = value
+            state[key] = entry
 
 
 def _clone_state(state: RuleState) -> RuleState:

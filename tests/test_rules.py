@@ -742,7 +742,7 @@ def test_bad_name_types(bad):
 
 @pytest.mark.parametrize(
     ("name", "hyper", "unknown"),
-    [("sam", {"eta": 0.1}, "eta"), ("none", {"rho": 0.1}, "rho"), ("vasso", {"alpha": 1}, "alpha")],
+    [("sam", {"eta": 0.1}, "eta"), ("none", {"eta": 0.1}, "eta"), ("vasso", {"alpha": 1}, "alpha")],
 )
 def test_unknown_hyperparameter_is_a_type_error_naming_it(name, hyper, unknown):
     with pytest.raises(TypeError, match=unknown):
@@ -1170,3 +1170,127 @@ def test_adaptive_gsam_is_asams_ascent_with_gsams_descent(seed: int) -> None:
     )
     with pytest.raises(ValueError, match="adaptive"):
         GSAM(adaptive=1)  # type: ignore[arg-type]
+
+
+# ====================================================================== 9. mixed dtypes
+# Each eps and each descent direction stays in its parameter's dtype, whatever the others are
+# (0-d tensors promote each other, so a float32 scalar beside a float64 tensor is the trap).
+# Sums over the set accumulate in the promoted dtype; the tolerance is the lowest precision's.
+BF16 = torch.bfloat16
+MIXED = {
+    "f64+f32_0d": ([((5, 3), F64), ((), torch.float32), ((4,), torch.float32)], 1e-5),
+    "f32+bf16": ([((4, 3), torch.float32), ((6, 2), BF16), ((), BF16)], 3e-2),
+}
+MIXED_RULES = [
+    ("sam", {"rho": 0.2}),
+    ("asam", {"rho": 0.4, "eta": 0.02}),
+    ("gsam", {"rho": 0.3, "alpha": 0.5}),
+    ("gsam", {"rho": 0.3, "alpha": 0.5, "adaptive": True, "eta": 0.01}),
+    ("vasso", {"rho": 0.2, "theta": 0.4}),
+    ("ssam", {"rho": 0.2, "gamma": 0.05}),
+]
+MIXED_CASES = [
+    *[(n, {**h, "per_sample": ps}) for n, h in MIXED_RULES for ps in (False, True)],
+    ("none", {}),
+]
+
+
+def mixed_tensors(spec, seed: int, requires_grad: bool = False) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(700 + seed)
+    out = [torch.randn(shape, generator=gen, dtype=F64).to(dtype) for shape, dtype in spec]
+    return [torch.nn.Parameter(t) if requires_grad else t for t in out]
+
+
+def f64(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [t.detach().to(F64, copy=True) for t in tensors]
+
+
+def ref_eps(name: str, hyper: dict, phi: list[Tensor], g: list[Tensor], d_prev=None):
+    """Float64 eps (and VaSSO's new average) from DESIGN.md section 4."""
+    per_sample = hyper.get("per_sample", False)
+    if name == "asam" or hyper.get("adaptive"):
+        return ref_asam_eps(phi, g, hyper["rho"], hyper["eta"], per_sample), None
+    if name == "vasso":
+        d = ref_vasso_average(d_prev, g, hyper["theta"])
+        return ref_sam_eps(d, hyper["rho"], per_sample), d
+    return ref_sam_eps(g, hyper["rho"], per_sample), None
+
+
+def assert_close_in_dtypes(actual, expected64, like, rtol: float, scale: float | None = None):
+    """Each tensor in its parameter's dtype, within ``rtol * scale`` of the float64 reference
+    plus the rounding of the result to that dtype (``scale``: the reference's largest entry)."""
+    if scale is None:
+        scale = max(float(e.abs().max()) for e in expected64)
+    for a, e, p in zip(actual, expected64, like, strict=True):
+        assert a.dtype == p.dtype, (a.dtype, p.dtype)
+        assert a.shape == p.shape
+        unit = torch.finfo(p.dtype).eps / 2
+        bound = rtol * scale + unit * e.abs()
+        assert bool(((a.to(F64) - e).abs() <= bound).all()), (a, e)
+
+
+@pytest.mark.parametrize("combo", list(MIXED))
+@pytest.mark.parametrize(("name", "hyper"), MIXED_CASES, ids=lambda v: str(v))
+def test_rule_outputs_keep_each_parameters_dtype(name, hyper, combo):
+    spec, rtol = MIXED[combo]
+    params, grads = mixed_tensors(spec, 0), mixed_tensors(spec, 1)
+    grads_adv = mixed_tensors(spec, 2)
+    rule = get_perturbation(name, **hyper)
+    state = rule.init(params)
+    eps, state = rule.ascent(params, grads, state, 0.1)
+    if name == "none":
+        expected, d = [torch.zeros_like(p) for p in f64(params)], None
+    else:
+        expected, d = ref_eps(name, hyper, f64(params), f64(grads))
+    assert_close_in_dtypes(eps, expected, params, rtol)
+    if name == "vasso":  # the stored average keeps the dtypes, and so does the next eps
+        eps, state = rule.ascent(params, grads_adv, state, 0.1)
+        expected, _ = ref_eps(name, hyper, f64(params), f64(grads_adv), d)
+        assert_close_in_dtypes(eps, expected, params, rtol)
+        assert all(s.dtype == p.dtype for s, p in zip(state["d"], params, strict=True))
+    direction = rule.descent(grads, grads_adv, state)
+    expected = f64(grads_adv)
+    if name == "gsam":
+        per_sample = hyper["per_sample"]
+        expected = ref_gsam_descent(f64(grads), f64(grads_adv), hyper["alpha"], per_sample)
+    assert_close_in_dtypes(direction, expected, params, rtol)
+
+
+@pytest.mark.parametrize("combo", list(MIXED))
+@pytest.mark.parametrize(("name", "hyper"), MIXED_CASES, ids=lambda v: str(v))
+def test_optimizer_step_with_mixed_dtypes_matches_float64_reference(name, hyper, combo):
+    spec, rtol = MIXED[combo]
+    params = mixed_tensors(spec, 3, requires_grad=True)
+    dtypes = [p.dtype for p in params]
+    phi = f64(params)
+    objective = Objective([p.shape for p in params], 3)
+    calls: list[list[Tensor]] = []
+
+    def closure():
+        calls.append(f64(params))
+        loss = objective.value([p.to(F64) for p in params])
+        loss.backward()
+        return loss
+
+    lr = 0.05
+    opt = SharpBilevelOptimizer(params, perturbation=name, lr=lr, seed=0, **hyper)
+    opt.step(closure)
+    assert [p.dtype for p in params] == dtypes
+    assert all(p.grad.dtype == p.dtype for p in params)
+    # the reference takes g where the first call ran (phi, or phi + Delta with smoothing)
+    g = objective.grad(calls[0])
+    if name == "none":
+        expected_after = add(phi, g, -lr)
+    else:
+        eps, _ = ref_eps(name, hyper, phi, g)
+        # the second call ran at phi + eps, rounded to each parameter's dtype
+        scale = max(float(e.abs().max()) for e in eps)
+        seen = [c.to(dt) for c, dt in zip(calls[1], dtypes, strict=True)]
+        assert_close_in_dtypes(seen, add(phi, eps), params, rtol, scale)
+        g_adv = objective.grad(add(phi, eps))
+        direction = g_adv
+        if name == "gsam":
+            direction = ref_gsam_descent(g, g_adv, hyper["alpha"], hyper["per_sample"])
+        expected_after = add(phi, direction, -lr)
+    scale = max(float(s.abs().max()) for s in add(expected_after, phi, -1.0))  # the step
+    assert_close_in_dtypes([p.detach() for p in params], expected_after, params, rtol, scale)

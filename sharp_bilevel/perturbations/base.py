@@ -33,6 +33,8 @@ class PerturbationRule:
 
     #: Rules whose ``two_pass`` is False ("none") make the optimizer call the closure once.
     two_pass: ClassVar[bool] = True
+    #: Hyperparameters the registry accepts for this rule and drops with a warning.
+    ignored_hyperparameters: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,19 +64,20 @@ class PerturbationRule:
         return list(grads_adv)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A real ``int`` or ``float`` (bools are refused although they are ints)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_positive(name: str, value: float) -> None:
     """``value`` must be a finite number > 0."""
-    if not (_is_number(value) and math.isfinite(value) and value > 0):
+    if not (is_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:
     """``value`` must be a finite number >= 0."""
-    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+    if not (is_number(value) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -82,7 +85,7 @@ def check_interval(
     name: str, value: float, low: float, high: float, *, low_open: bool = False
 ) -> None:
     """``value`` must lie in ``[low, high]`` (or ``(low, high]`` when ``low_open``)."""
-    ok = _is_number(value) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["

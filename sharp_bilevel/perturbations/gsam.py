@@ -17,6 +17,7 @@ from .base import (
     check_interval,
     check_nonnegative,
     check_positive,
+    is_number,
 )
 from .sam import scaled_direction
 
@@ -64,18 +65,19 @@ class GSAM(PerturbationRule):
         check_bool("per_sample", self.per_sample)
         check_bool("adaptive", self.adaptive)
         check_nonnegative("eta", self.eta)
-        schedule = (self.rho_min, self.lr_min, self.lr_max)
-        if any(v is not None for v in schedule):
-            if any(v is None for v in schedule):
+        if self.rho_min is not None or self.lr_min is not None or self.lr_max is not None:
+            if self.rho_min is None or self.lr_min is None or self.lr_max is None:
                 raise ValueError(
                     "rho_min, lr_min and lr_max must be given together for GSAM's rho schedule, "
                     f"got rho_min={self.rho_min!r}, lr_min={self.lr_min!r}, lr_max={self.lr_max!r}"
                 )
-            rho_min, lr_min, lr_max = (float(v) for v in schedule)  # type: ignore[arg-type]
-            check_interval("rho_min", rho_min, 0.0, self.rho)
-            check_nonnegative("lr_min", lr_min)
-            if not (math.isfinite(lr_max) and lr_max > lr_min):
-                raise ValueError(f"lr_max must be > lr_min={lr_min!r} and finite, got {lr_max!r}")
+            check_interval("rho_min", self.rho_min, 0.0, self.rho)
+            check_nonnegative("lr_min", self.lr_min)
+            lr_max = self.lr_max
+            if not (is_number(lr_max) and math.isfinite(lr_max) and lr_max > self.lr_min):
+                raise ValueError(
+                    f"lr_max must be > lr_min={self.lr_min!r} and finite, got {lr_max!r}"
+                )
 
     def rho_at(self, lr: float) -> float:
         """The radius ``rho_t`` for the learning rate ``lr``."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
@@ -98,7 +101,8 @@ def available_perturbations() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def _resolve(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The registered name ``name`` resolves to (case, spaces and aliases removed)."""
     key = _key(name)
     key = _ALIASES.get(key, key)
     if key not in _FACTORIES:
@@ -110,9 +114,7 @@ def _resolve(name: str) -> str:
     return key
 
 
-def rule_parameters(name: str) -> frozenset[str]:
-    """Keyword arguments the rule registered as ``name`` accepts (its hyperparameters)."""
-    factory = _FACTORIES[_resolve(name)]
+def _hyperparameters(factory: RuleFactory) -> frozenset[str]:
     if isinstance(factory, type) and dataclasses.is_dataclass(factory):
         return frozenset(f.name for f in dataclasses.fields(factory) if f.init)
     params = inspect.signature(factory).parameters.values()
@@ -120,10 +122,46 @@ def rule_parameters(name: str) -> frozenset[str]:
     return frozenset(p.name for p in params if p.kind in kinds)
 
 
+def _ignored(factory: RuleFactory) -> frozenset[str]:
+    ignored: object = getattr(factory, "ignored_hyperparameters", frozenset())
+    return frozenset(ignored) if isinstance(ignored, frozenset) else frozenset()
+
+
+def rule_parameters(name: str) -> frozenset[str]:
+    """Keyword arguments the rule registered as ``name`` accepts (its hyperparameters, and
+    those it accepts only to ignore, such as ``rho`` for ``"none"``)."""
+    factory = _FACTORIES[canonical_name(name)]
+    return _hyperparameters(factory) | _ignored(factory)
+
+
+def owners_hint(names: Iterable[str], rule: str) -> str:
+    """``"; eta is a hyperparameter of 'asam', 'gsam', not of 'sam'"`` for the ``names`` that
+    other registered rules have (empty when none has them)."""
+    hints = []
+    for name in sorted(names):
+        owners = [k for k, f in sorted(_FACTORIES.items()) if name in _hyperparameters(f)]
+        if owners:
+            listed = ", ".join(repr(k) for k in owners)
+            hints.append(f"; {name} is a hyperparameter of {listed}, not of {rule!r}")
+    return "".join(hints)
+
+
+def _outside_package_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside sharp_bilevel (where a warning should point)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def get_perturbation(
     perturbation: str | PerturbationRule, **hyperparameters: Any
 ) -> PerturbationRule:
     """Build a rule from its name and hyperparameters, or return a given rule instance as is.
+
+    Hyperparameters a rule accepts only to ignore them (``rho`` for ``"none"``, so that a sweep
+    over rules can pass one ``rho``) are dropped, with a ``UserWarning`` unless they are None.
 
     Raises:
         ValueError: unknown name (the message lists the known ones), bad hyperparameter values,
@@ -141,15 +179,24 @@ def get_perturbation(
         raise TypeError(
             f"perturbation must be a name or a PerturbationRule, got {type(perturbation).__name__}"
         )
-    name = _resolve(perturbation)
-    accepted = rule_parameters(name)
+    name = canonical_name(perturbation)
+    factory = _FACTORIES[name]
+    for key in sorted(_ignored(factory) & set(hyperparameters)):
+        value = hyperparameters.pop(key)
+        if value is not None:
+            warnings.warn(
+                f"perturbation {name!r} has no {key}: {key}={value!r} is ignored",
+                UserWarning,
+                stacklevel=_outside_package_stacklevel(),
+            )
+    accepted = _hyperparameters(factory)
     unknown = sorted(set(hyperparameters) - accepted)
     if unknown:
         raise TypeError(
             f"perturbation {name!r} has no hyperparameter(s) {unknown}; "
-            f"it accepts {sorted(accepted)}"
+            f"it accepts {sorted(accepted)}{owners_hint(unknown, name)}"
         )
-    rule = _FACTORIES[name](**hyperparameters)
+    rule = factory(**hyperparameters)
     if not isinstance(rule, PerturbationRule):
         raise TypeError(
             f"the factory registered as {name!r} returned {rule!r}, not a PerturbationRule"
