@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sharp_bilevel.augment import DSA, DSAParams
-from sharp_bilevel.experts import check_window
+from sharp_bilevel.trajectory.augment import DSA, DSAParams
+from sharp_bilevel.trajectory.matching import check_window
 
 # MTT's ParamDiffAug attribute -> our DSAParams field (facts from MTT's utils.py).
 _MTT_DSA_FIELDS = {

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharp_bilevel.student import Student, as_student
+from sharp_bilevel.trajectory.student import Student, as_student
 
 from .mtt import make_closure as _mtt_closure
 

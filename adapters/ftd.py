@@ -2,8 +2,8 @@
 
 FTD's outer loop is MTT's with ``e <- d e + (1 - d) phi`` after every step (decay 0.999 by
 default, 0.9995 in its scripts); its flatness comes from experts trained with GSAM
-(:func:`sharp_bilevel.experts.train_expert` with ``optimizer="gsam"``). Attach the average to the
-optimizer so it always sees the restored, post-step images::
+(:func:`sharp_bilevel.distill.experts.train_expert` with ``optimizer="gsam"``). Attach the
+average to the optimizer so it always sees the restored, post-step images::
 
     ema = ftd.ImageEMA(image_syn, decay=args.ema_decay).attach(optimizer)
 """

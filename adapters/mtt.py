@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharp_bilevel.hypergradient import UnrollSettings
-from sharp_bilevel.objectives import TrajectoryMatching
-from sharp_bilevel.student import Student
+from sharp_bilevel.trajectory.hypergradient import UnrollSettings
+from sharp_bilevel.trajectory.matching import TrajectoryMatching
+from sharp_bilevel.trajectory.student import Student
 
 from ._common import dsa_from_fork, expert_endpoints, setting
 

@@ -44,11 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sharp_bilevel.data import DatasetSplit, load_digits
-from sharp_bilevel.evaluation import EvalResult, evaluate_synthetic, random_real_baseline
-from sharp_bilevel.experts import load_buffers, save_buffers, train_expert
-from sharp_bilevel.perturbations import get_perturbation
-from sharp_bilevel.pipeline import DistillConfig, DistillResult, distill
+from sharp_bilevel.distill.data import DatasetSplit, load_digits
+from sharp_bilevel.distill.evaluation import EvalResult, evaluate_synthetic, random_real_baseline
+from sharp_bilevel.distill.experts import load_buffers, save_buffers, train_expert
+from sharp_bilevel.distill.pipeline import DistillConfig, DistillResult, distill
+from sharp_bilevel.optim.perturbations import get_perturbation
 
 DATE = "2026-11-25"
 MIB = 2**20

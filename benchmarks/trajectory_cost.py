@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from sharp_bilevel import SharpBilevelOptimizer
-from sharp_bilevel.hypergradient import UnrollSettings
-from sharp_bilevel.objectives import TrajectoryMatching
-from sharp_bilevel.presets import satm_optimizer
-from sharp_bilevel.student import FunctionalStudent
+from sharp_bilevel.trajectory.hypergradient import UnrollSettings
+from sharp_bilevel.trajectory.matching import TrajectoryMatching
+from sharp_bilevel.trajectory.presets import satm_optimizer
+from sharp_bilevel.trajectory.student import FunctionalStudent
 
 VARIANTS = ("mtt", "sam", "satm")
 CLASSES = 10
@@ -69,7 +69,7 @@ TARGETS = {"time satm/mtt": 0.85, "time satm/sam": 0.40, "saved satm/mtt": 0.36}
 def build_net(width: int, shape: tuple[int, ...]) -> nn.Module:
     """MTT's ConvNet: the library's ``get_network`` when it works, else a local copy."""
     try:
-        from sharp_bilevel.networks import get_network
+        from sharp_bilevel.distill.networks import get_network
 
         return get_network("ConvNet", shape[0], CLASSES, tuple(shape[1:]), width=width, seed=0)
     except (ImportError, AttributeError, TypeError, ValueError):

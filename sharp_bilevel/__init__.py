@@ -13,15 +13,12 @@ The public entry points:
   :class:`ZCA`: the pieces a distillation loop is built from.
 """
 
-from .augment import DSA, DSAParams
-from .context import ASCENT, DESCENT, StepContext, StepReport
-from .errors import NonFiniteError
-from .hypergradient import UnrollSettings, first_order_lr_grad
-from .inner import PlainSGD, TorchoptInner
-from .networks import available_networks, get_network
-from .objectives import TrajectoryMatching
-from .optimizer import SharpBilevelOptimizer
-from .perturbations import (
+from .distill.networks import available_networks, get_network
+from .distill.zca import ZCA
+from .optim.context import ASCENT, DESCENT, StepContext, StepReport
+from .optim.errors import NonFiniteError
+from .optim.optimizer import SharpBilevelOptimizer
+from .optim.perturbations import (
     ASAM,
     GSAM,
     SAM,
@@ -33,12 +30,15 @@ from .perturbations import (
     get_perturbation,
     register_perturbation,
 )
-from .presets import satm_optimizer
-from .smoothing import smoothing_noise
-from .step_plan import StepPlan
-from .student import FunctionalStudent
-from .unroll import matching_loss, unroll
-from .zca import ZCA
+from .optim.smoothing import smoothing_noise
+from .trajectory.augment import DSA, DSAParams
+from .trajectory.hypergradient import UnrollSettings, first_order_lr_grad
+from .trajectory.inner import PlainSGD, TorchoptInner
+from .trajectory.matching import TrajectoryMatching
+from .trajectory.presets import satm_optimizer
+from .trajectory.step_plan import StepPlan
+from .trajectory.student import FunctionalStudent
+from .trajectory.unroll import matching_loss, unroll
 
 __version__ = "0.1.0.dev0"
 

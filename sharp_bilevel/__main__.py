@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .cli import main as cli_main
+from .cli.app import main as cli_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:

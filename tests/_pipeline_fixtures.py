@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sharp_bilevel.networks import get_network
-from sharp_bilevel.pipeline import DistillConfig
+from sharp_bilevel.distill.networks import get_network
+from sharp_bilevel.distill.pipeline import DistillConfig
 
 CLASSES = 3
 

@@ -1,0 +1,488 @@
+"""``python -m sharp_bilevel``: experts, distillation (MTT/FTD/DATM x any rule), evaluation.
+
+With no arguments it runs on scikit-learn's bundled 8x8 digits in a few minutes on two CPU
+cores: it trains expert trajectories, distils one image per class with plain MTT (``none``) and
+with SATM, evaluates both (and random real images) on the distillation architecture and on
+another one, and writes everything to one folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from tqdm import tqdm
+
+from ..distill.checkpoint import (
+    UnreadableFileError,
+    remove_stale_temporaries,
+    save_synthetic,
+    tensors_sha256,
+)
+from ..distill.config import METHODS, NONFINITE_POLICIES, DistillConfig
+from ..distill.data import DatasetSplit, load_dataset
+from ..distill.diagnostics import DistillationWarning
+from ..distill.evaluation import EvalResult, evaluate_synthetic, random_real_baseline
+from ..distill.expert_store import (
+    ExpertFolderError,
+    ExpertManifest,
+    ExpertSettingsError,
+    clear_experts,
+    describe_buffers,
+    load_or_train_experts,
+)
+from ..distill.experts import Expert, train_expert
+from ..distill.pipeline import DistillResult, ResumeError, check_checkpoint, distill
+from ..distill.report import save_curves, save_image_grid, write_json
+from ..distill.validation import ConfigError
+from ..optim.errors import NonFiniteError
+from .checks import check_arguments, check_data, check_experts, flag_for
+
+
+class _Refused(Exception):
+    """A user error that names no single flag (the message says what to do)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a user error in one line (no usage block) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _keep(text: str) -> int | float | None:
+    """``all`` -> None (exact BPTT), ``0.33`` -> a fraction, ``6`` -> a step count."""
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'all', a step count >= 1 or a fraction in (0, 1], got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the main job."""
+    p = _Parser(
+        prog="python -m sharp_bilevel",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data and experts")
+    data.add_argument(
+        "--dataset", default="digits", help="digits | fashion-mnist | cifar10 | cifar100"
+    )
+    data.add_argument("--data-root", default=None, help="folder of the data files")
+    data.add_argument(
+        "--limit-train",
+        type=int,
+        default=None,
+        help="use at most this many training images (fashion-mnist, cifar10, cifar100)",
+    )
+    data.add_argument("--model", default="ConvNet", help="distillation architecture")
+    data.add_argument("--width", type=int, default=32, help="network width")
+    data.add_argument(
+        "--buffers",
+        default=None,
+        help="folder of replay_buffer_{n}.pt files to use instead of training experts",
+    )
+    data.add_argument("--num-experts", type=int, default=4)
+    data.add_argument("--train-epochs", type=int, default=6, help="epochs per expert")
+    data.add_argument(
+        "--expert-optimizer",
+        choices=("sgd", "gsam"),
+        default="sgd",
+        help="sgd (MTT's buffers) or gsam (FTD's flat experts)",
+    )
+    run = p.add_argument_group("distillation")
+    run.add_argument("--method", choices=METHODS, default="mtt")
+    run.add_argument(
+        "--perturbations",
+        default="none,satm",
+        help="comma-separated rules; 'none' is the MTT baseline, 'satm' the preset",
+    )
+    run.add_argument("--rho", type=float, default=None, help="radius (rule default if unset)")
+    run.add_argument("--smooth", type=float, default=None, help="smoothing gamma")
+    run.add_argument(
+        "--keep",
+        type=_keep,
+        default="all",
+        help="TUH: inner steps to differentiate through ('all' = exact BPTT)",
+    )
+    run.add_argument("--reuse", action="store_true", help="TR: restart the second pass at iota")
+    run.add_argument("--first-order-lr", action="store_true", help="SATM's Eq. 10 lr gradient")
+    run.add_argument("--ipc", type=int, default=1, help="images per class")
+    run.add_argument("--syn-steps", type=int, default=10, help="inner steps N")
+    run.add_argument("--expert-epochs", type=int, default=2, help="M")
+    run.add_argument("--max-start-epoch", type=int, default=4)
+    run.add_argument(
+        "--iterations", type=int, default=100, help="outer steps (raise it to extend a run)"
+    )
+    run.add_argument("--lr-img", type=float, default=10.0, help="outer lr of the images")
+    run.add_argument("--lr-lr", type=float, default=1e-6, help="outer lr of syn_lr")
+    run.add_argument("--lr-teacher", type=float, default=0.01)
+    run.add_argument("--threshold", type=float, default=1.0, help="DATM's gate")
+    run.add_argument("--ema-decay", type=float, default=0.98, help="FTD's image average")
+    run.add_argument("--no-dsa", action="store_true", help="switch augmentation off")
+    run.add_argument(
+        "--nonfinite",
+        choices=NONFINITE_POLICIES,
+        default="raise",
+        help="a NaN/inf outer loss or hypergradient stops the run (raise) or skips the step",
+    )
+    ev = p.add_argument_group("evaluation and output")
+    ev.add_argument(
+        "--eval-models",
+        default="ConvNet,MLP",
+        help="architectures to evaluate on (the first is the distillation one)",
+    )
+    ev.add_argument("--eval-seeds", default="0,1,2")
+    ev.add_argument("--eval-epochs", type=int, default=300)
+    ev.add_argument(
+        "--out", default=None, help="output folder (default runs/<dataset>-<method>-ipc<k>)"
+    )
+    ev.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over: retrain the experts in <out>/experts and ignore checkpoints",
+    )
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _config(args: argparse.Namespace, perturbation: str) -> DistillConfig:
+    return DistillConfig(
+        method=args.method,
+        perturbation=perturbation,
+        rho=args.rho,
+        smooth=args.smooth,
+        keep=args.keep,
+        reuse=args.reuse,
+        lr_gradient="first_order" if args.first_order_lr else "exact",
+        model=args.model,
+        width=args.width,
+        ipc=args.ipc,
+        syn_steps=args.syn_steps,
+        expert_epochs=args.expert_epochs,
+        max_start_epoch=args.max_start_epoch,
+        iterations=args.iterations,
+        lr_img=args.lr_img,
+        lr_lr=args.lr_lr,
+        lr_teacher=args.lr_teacher,
+        threshold=args.threshold,
+        ema_decay=args.ema_decay,
+        dsa=not args.no_dsa,
+        seed=args.seed,
+        nonfinite=args.nonfinite,
+    )
+
+
+def _load_data(args: argparse.Namespace) -> DatasetSplit:
+    kw: dict[str, Any] = {}
+    if args.limit_train is not None:
+        kw["limit_train"] = args.limit_train
+    try:
+        return load_dataset(args.dataset, args.data_root, **kw)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError("data_root", f"cannot read {args.dataset}: {err}") from err
+
+
+def _expert_settings(args: argparse.Namespace, split: DatasetSplit) -> dict[str, Any]:
+    """What determines the trained experts (recorded in the expert folder's manifest)."""
+    return {
+        "dataset": args.dataset,
+        "limit_train": args.limit_train,
+        "train_images_sha256": tensors_sha256([split.train.images, split.train.labels]),
+        "model": args.model,
+        "width": args.width,
+        "train_epochs": args.train_epochs,
+        "expert_optimizer": args.expert_optimizer,
+        "lr_teacher": args.lr_teacher,
+        "seed": args.seed,
+    }
+
+
+def _experts(
+    args: argparse.Namespace, split: DatasetSplit, out: Path
+) -> tuple[list[Expert], ExpertManifest, str]:
+    """The experts, their manifest and where they came from (``given``/``loaded``/``trained``)."""
+    if args.buffers:
+        try:
+            experts, manifest = describe_buffers(args.buffers)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError("buffers", str(err)) from err
+        return experts, manifest, "given"
+    folder = out / "experts"
+    if args.no_resume:
+        clear_experts(folder)
+    bar = tqdm(total=args.num_experts, desc="experts", disable=args.quiet)
+    trained: list[int] = []
+
+    def train_one(k: int) -> Expert:
+        expert = train_expert(
+            args.model,
+            split.train,
+            epochs=args.train_epochs,
+            seed=args.seed * 1000 + k,
+            lr=args.lr_teacher,
+            optimizer=args.expert_optimizer,
+            device=args.device,
+            network_kwargs={"width": args.width},
+        )
+        bar.update(1)
+        trained.append(k)
+        return expert
+
+    settings = _expert_settings(args, split)
+    try:
+        experts, manifest = load_or_train_experts(folder, settings, args.num_experts, train_one)
+    except ExpertSettingsError as err:
+        said = ", ".join(
+            f"{flag_for(k)} {old!r} (now {new!r})" for k, (old, new) in err.changes.items()
+        )
+        raise ConfigError(
+            next(iter(err.changes)),
+            f"differs from the experts in {folder}, trained with {said}; pass --no-resume to "
+            "retrain them, or another --out",
+        ) from err
+    finally:
+        bar.close()
+    source = f"trained {len(trained)}, loaded {len(experts) - len(trained)}"
+    return experts, manifest, source
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    split: DatasetSplit,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    soft: bool,
+) -> dict[str, EvalResult]:
+    channels, h, w = split.train.images.shape[1:]
+    return evaluate_synthetic(
+        images,
+        labels,
+        lr,
+        split.test.images,
+        split.test.labels,
+        num_classes=split.train.num_classes,
+        channels=channels,
+        image_size=(h, w),
+        architectures=_csv(args.eval_models),
+        seeds=[int(s) for s in _csv(args.eval_seeds)],
+        epochs=args.eval_epochs,
+        width=args.width,
+        soft_labels=soft,
+        device=args.device,
+    )
+
+
+def _save_run(result: DistillResult, folder: Path, columns: int) -> None:
+    save_synthetic(
+        folder / "synthetic.pt", result.images, result.labels, result.syn_lr, result.ema_images
+    )
+    save_image_grid(result.images, folder / "images.png", columns)
+    if result.ema_images is not None:
+        save_image_grid(result.ema_images, folder / "ema_images.png", columns)
+
+
+def _row(name: str, results: dict[str, EvalResult]) -> str:
+    cells = "".join(f"{100 * r.mean:>10.1f} ± {100 * r.std:<5.1f}" for r in results.values())
+    return f"{name:<22}{cells}"
+
+
+def _distill_one(
+    args: argparse.Namespace,
+    config: DistillConfig,
+    split: DatasetSplit,
+    experts: list[Expert],
+    experts_id: str,
+    folder: Path,
+) -> DistillResult:
+    checkpoint = folder / "checkpoint.pt"
+    if args.no_resume:
+        checkpoint.unlink(missing_ok=True)
+    bar = tqdm(total=config.iterations, desc=config.label, disable=args.quiet)
+
+    def progress(it: int, values: dict[str, float]) -> None:
+        bar.n = it + 1
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['syn_lr']:.4g}")
+
+    train = split.train
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DistillationWarning)
+            result = distill(
+                config,
+                train.images,
+                train.labels,
+                train.num_classes,
+                experts,
+                checkpoint=checkpoint,
+                device=args.device,
+                progress=progress,
+                experts_id=experts_id,
+            )
+    finally:
+        bar.close()
+    for warning in caught:
+        if issubclass(warning.category, DistillationWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return result
+
+
+def _check_checkpoints(
+    args: argparse.Namespace, out: Path, configs: list[DistillConfig], experts_id: str | None = None
+) -> None:
+    """Refuse early a checkpoint that these settings (and experts) cannot resume."""
+    if args.no_resume:
+        return
+    for config in configs:
+        try:
+            check_checkpoint(out / config.label / "checkpoint.pt", config, experts_id)
+        except UnreadableFileError as err:
+            raise _Refused(f"{err}; pass --no-resume to start over") from err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the whole job; returns the process exit code (2 for a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ResumeError as err:
+        said = ", ".join(
+            f"{flag_for(k)} {old!r} (now {new!r})" for k, (old, new) in err.changes.items()
+        )
+        parser.error(
+            f"cannot resume {err.path}: it was written with {said}; pass --no-resume to start "
+            "over, or another --out"
+        )
+    except ConfigError as err:
+        parser.error(f"argument {flag_for(err.argument)}: {err.detail}")
+    except (ExpertFolderError, _Refused) as err:
+        parser.error(str(err))
+    except NonFiniteError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    rules = check_arguments(args)
+    configs = [_config(args, rule) for rule in rules]  # validates every setting up front
+    out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
+    split = _load_data(args)
+    check_data(args, split)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    train = split.train
+    channels, h, w = train.images.shape[1:]
+    print(
+        f"{args.dataset}: {len(train.labels)} train / {len(split.test.labels)} test images, "
+        f"{channels}x{h}x{w}, {train.num_classes} classes -> {out}"
+    )
+    _check_checkpoints(args, out, configs)  # before training experts
+    experts, manifest, source = _experts(args, split, out)
+    check_experts(args, split, experts)
+    experts_id = manifest.identity(len(experts))
+    print(f"{len(experts)} expert trajectories of {len(experts[0]) - 1} epochs ({source})")
+    _check_checkpoints(args, out, configs, experts_id)  # before any evaluation
+
+    evaluations: dict[str, dict[str, EvalResult]] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    histories: dict[str, dict[str, list[float]]] = {}
+    evaluations["random real"] = random_real_baseline(
+        train.images,
+        train.labels,
+        args.ipc,
+        split.test.images,
+        split.test.labels,
+        num_classes=train.num_classes,
+        channels=channels,
+        image_size=(h, w),
+        lr=args.lr_teacher,
+        architectures=_csv(args.eval_models),
+        seeds=[int(s) for s in _csv(args.eval_seeds)],
+        epochs=args.eval_epochs,
+        width=args.width,
+        device=args.device,
+        subset_seed=args.seed,
+    )
+    for config in configs:
+        folder = out / config.label
+        result = _distill_one(args, config, split, experts, experts_id, folder)
+        _save_run(result, folder, columns=max(args.ipc, train.num_classes))
+        evaluations[config.label] = _evaluate(
+            args, split, result.images, result.labels, result.syn_lr, result.soft_labels
+        )
+        if result.ema_images is not None:
+            evaluations[f"{config.label} (EMA)"] = _evaluate(
+                args, split, result.ema_images, result.labels, result.syn_lr, result.soft_labels
+            )
+        histories[config.label] = result.history
+        runs[config.label] = {
+            "config": dataclasses.asdict(config),
+            "syn_lr": result.syn_lr,
+            "distill_seconds": result.seconds,
+            "diagnostics": result.diagnostics.as_dict(),
+            "warnings": result.diagnostics.problems(),
+            "history": result.history,
+        }
+    save_curves(histories, out / "curves.png")
+    header = "".join(f"{arch:>18}" for arch in _csv(args.eval_models))
+    print(f"\ntest accuracy % (mean ± std over seeds {args.eval_seeds})\n{'':<22}{header}")
+    for name, results in evaluations.items():
+        print(_row(name, results))
+    write_json(
+        {
+            "dataset": args.dataset,
+            "settings": vars(args),
+            "experts": {
+                "source": source,
+                "folder": str(args.buffers or out / "experts"),
+                "count": len(experts),
+                "epochs": len(experts[0]) - 1,
+                "identity": experts_id,
+                "manifest": manifest.to_dict(),
+            },
+            "accuracy": {
+                name: {arch: dataclasses.asdict(r) for arch, r in res.items()}
+                for name, res in evaluations.items()
+            },
+            "runs": runs,
+            "seconds": time.perf_counter() - began,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+        },
+        out / "report.json",
+    )
+    print(
+        f"\nwrote {out}/report.json, curves.png and one folder per run "
+        f"({time.perf_counter() - began:.0f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The distillation loop of the main job: MTT, FTD or DATM with any perturbation rule.
+
+One outer iteration: pick an expert and a start epoch ``t`` (uniform in ``[0, max_start_epoch)``;
+DATM's ramping window), build the
+:class:`~sharp_bilevel.trajectory.matching.TrajectoryMatching` closure for
+``(w*_t, w*_{t+M})``, take one ``SharpBilevelOptimizer`` step (DATM: gated by ``threshold``),
+update FTD's image average. Every random choice comes from one generator whose
+state is checkpointed with everything else, so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapters import datm
+from ..adapters.ftd import ImageEMA
+from ..optim.errors import NonFiniteError
+from ..optim.optimizer import SharpBilevelOptimizer
+from ..trajectory.augment import DSA
+from ..trajectory.matching import TrajectoryMatching
+from ..trajectory.student import FunctionalStudent
+from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries
+from .config import METHODS, RESUMABLE_CHANGES, DistillConfig
+from .data import class_balanced_indices
+from .diagnostics import LR_FLOOR, DistillationWarning, RunDiagnostics
+from .experts import experts_fingerprint
+from .networks import get_network
+from .validation import ConfigError
+
+__all__ = [
+    "METHODS",
+    "DistillConfig",
+    "DistillResult",
+    "ResumeError",
+    "check_checkpoint",
+    "distill",
+]
+
+Expert = Sequence[Sequence[Tensor]]
+
+
+@dataclass
+class DistillResult:
+    """What a run produced: the synthetic set, its learned lr and the per-iteration history."""
+
+    config: DistillConfig
+    images: Tensor
+    labels: Tensor
+    syn_lr: float
+    ema_images: Tensor | None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    diagnostics: RunDiagnostics = field(default_factory=RunDiagnostics)
+
+    @property
+    def soft_labels(self) -> bool:
+        """True for DATM's logits ``[n, classes]``."""
+        return self.labels.dim() == 2
+
+
+class ResumeError(ConfigError):
+    """A checkpoint was written by a run with other settings or other experts.
+
+    Attributes:
+        path: the checkpoint.
+        changes: setting name -> ``(value in the checkpoint, value now)``.
+    """
+
+    def __init__(self, path: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+        self.path = path
+        self.changes = changes
+        said = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changes.items())
+        super().__init__(
+            next(iter(changes)),
+            f"differs from {path}, which was written with {said}; remove it to start over",
+        )
+
+
+def _check_experts(experts: Sequence[Expert], config: DistillConfig) -> None:
+    if not experts:
+        raise ValueError("no expert trajectories were given")
+    needed = config.max_start_epoch - 1 + config.expert_epochs
+    shortest = min(len(e) - 1 for e in experts)
+    if needed > shortest:
+        raise ValueError(
+            f"start_epoch + expert_epochs reaches epoch {needed} (max_start_epoch - 1 + "
+            f"expert_epochs), but the shortest expert trajectory ends at epoch {shortest}"
+        )
+
+
+def _initial_state(
+    config: DistillConfig,
+    train_images: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    experts: Sequence[Expert],
+    student: FunctionalStudent,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Synthetic images (random real, ``ipc`` per class), labels and ``syn_lr``."""
+    order = class_balanced_indices(train_labels, config.ipc, num_classes, generator)
+    images = train_images[order].clone()
+    hard = train_labels[order].clone()
+    if config.method == "datm":
+        finals = [expert[-1] for expert in experts]
+        targets = datm.soft_label_logits(student, finals, images, hard).detach().clone()
+    else:
+        targets = hard
+    syn_lr = torch.tensor(config.lr_teacher, dtype=images.dtype)
+    return images, targets, syn_lr
+
+
+def check_checkpoint(
+    path: str | Path, config: DistillConfig, experts_id: str | None = None
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if ``config`` (and ``experts_id`` when given) can resume it,
+    None when there is no file.
+
+    Raises:
+        ResumeError: it was written with other settings or experts (each one is named).
+        ConfigError: it is further along than ``config.iterations``.
+        ValueError: it is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    saved: dict[str, Any] = load_checkpoint(path)
+    _check_resumable(saved, config, experts_id, path)
+    return saved
+
+
+def _check_resumable(
+    saved: dict[str, Any], config: DistillConfig, experts_id: str | None, path: Path
+) -> None:
+    """Refuse a checkpoint of other settings or experts, naming each difference."""
+    recorded = saved.get("config", {})
+    now = dataclasses.asdict(config)
+    changes = {
+        k: (recorded.get(k), now.get(k))
+        for k in config.differences(recorded)
+        if k not in RESUMABLE_CHANGES
+    }
+    if experts_id is not None and saved.get("experts_id") != experts_id:
+        changes["experts"] = (str(saved.get("experts_id"))[:12], experts_id[:12])
+    if changes:
+        raise ResumeError(path, changes)
+    if saved["iteration"] > config.iterations:
+        raise ConfigError(
+            "iterations",
+            f"must be at least {saved['iteration']} to resume {path}, which is at that "
+            f"iteration (raise it to extend the run), got {config.iterations}",
+        )
+
+
+def distill(
+    config: DistillConfig,
+    train_images: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    experts: Sequence[Expert],
+    *,
+    checkpoint: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    experts_id: str | None = None,
+) -> DistillResult:
+    """Distil ``config.ipc`` images per class by trajectory matching against ``experts``.
+
+    At the end, one :class:`~sharp_bilevel.distill.diagnostics.DistillationWarning` per kind of
+    trouble seen (``syn_lr`` at its floor, DATM's gate skipping most steps, skipped non-finite
+    steps, exploding images) says how often it happened; the counts are in
+    ``result.diagnostics``.
+
+    Args:
+        config: the run's settings.
+        train_images: real training images ``[n, C, H, W]`` (initialisation).
+        train_labels: their labels ``[n]``.
+        num_classes: number of classes.
+        experts: trajectories in MTT's format (epochs of per-parameter tensors).
+        checkpoint: a file to write every ``checkpoint_every`` iterations (atomically) and to
+            resume from when it exists. Resuming needs the same settings (``iterations`` may be
+            raised to extend a run; ``checkpoint_every`` and ``nonfinite`` may change) and the
+            same experts; the thread count should match too (a warning says when not).
+        device: where the unroll runs.
+        progress: called after every iteration with the iteration and its logged values.
+        experts_id: a name of the experts recorded in the checkpoint (the CLI passes its
+            manifest's identity); by default a SHA-256 of the experts' values.
+
+    Raises:
+        ResumeError: the checkpoint records other settings or experts (each one is named).
+        NonFiniteError: with ``nonfinite="raise"``, a NaN/inf outer loss or hypergradient; a
+            checkpoint at that iteration is written first, so a rerun with
+            ``nonfinite="skip"`` continues from there.
+    """
+    _check_experts(experts, config)
+    channels, height, width = train_images.shape[1:]
+    network = get_network(
+        config.model,
+        channels,
+        num_classes,
+        (height, width),
+        width=config.width,
+        seed=config.seed,
+        device=device,
+    )
+    student = FunctionalStudent(network)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, labels, syn_lr = _initial_state(
+        config, train_images, train_labels, num_classes, experts, student, generator
+    )
+    images = images.to(device).requires_grad_(True)
+    labels = labels.to(device)
+    syn_lr = syn_lr.to(device).requires_grad_(True)
+    groups: list[dict[str, Any]] = [
+        {"params": [images]},
+        {"params": [syn_lr], "perturb": False, "lr": config.lr_lr},
+    ]
+    if config.method == "datm":
+        labels.requires_grad_(True)
+        groups.append(
+            {"params": [labels], "perturb": False, "lr": config.lr_labels, "momentum": 0.9}
+        )
+    optimizer = SharpBilevelOptimizer(
+        groups,
+        torch.optim.SGD,
+        lr=config.lr_img,
+        momentum=0.5,
+        seed=config.seed,
+        nonfinite=config.nonfinite,
+        closure_options={"unroll": config.unroll_settings()},
+        **config.rule_kwargs(),
+    )
+    ema = ImageEMA(images, config.ema_decay).attach(optimizer) if config.method == "ftd" else None
+    window = datm.StartEpochWindow(*config.start_epoch_window(), config.expansion_end_epoch)
+    augmentation = DSA() if config.dsa else None
+    history: dict[str, list[float]] = {
+        k: [] for k in ("loss", "perturbed_loss", "grad_norm", "sharpness", "skipped", "syn_lr")
+    }
+    diagnostics = RunDiagnostics(initial_image_norm=float(images.detach().norm()))
+    start_iteration, seconds = 0, 0.0
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None:
+        remove_stale_temporaries(path.parent, path.name)
+        experts_id = experts_id or experts_fingerprint(experts)
+    saved = None if path is None else check_checkpoint(path, config, experts_id)
+    if saved is not None:
+        if saved.get("threads") != torch.get_num_threads():
+            warnings.warn(
+                f"resuming {path} with {torch.get_num_threads()} threads, written with "
+                f"{saved.get('threads')}: the continuation is not bit-identical to an "
+                "uninterrupted run (float sums depend on the thread count; match it with "
+                "torch.set_num_threads)",
+                DistillationWarning,
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            images.copy_(saved["images"])
+            syn_lr.copy_(saved["syn_lr"])
+            labels.copy_(saved["labels"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        history = saved["history"]
+        diagnostics = RunDiagnostics(**saved["diagnostics"])
+        start_iteration, seconds = saved["iteration"], saved["seconds"]
+
+    def save(iteration: int, generator_state: Tensor) -> None:
+        if path is None:
+            return
+        atomic_save(
+            {
+                "config": dataclasses.asdict(config),
+                "experts_id": experts_id,
+                "threads": torch.get_num_threads(),
+                "iteration": iteration,
+                "images": images.detach().cpu(),
+                "syn_lr": syn_lr.detach().cpu(),
+                "labels": labels.detach().cpu(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator_state,
+                "ema": None if ema is None else ema.state_dict(),
+                "history": history,
+                "diagnostics": diagnostics.as_dict(),
+                "seconds": seconds,
+            },
+            path,
+        )
+
+    gate = datm.gate(config.threshold) if config.method == "datm" else None
+    for it in range(start_iteration, config.iterations):
+        began = time.perf_counter()
+        draws = generator.get_state()  # a checkpoint of iteration ``it`` replays these draws
+        expert = experts[int(torch.randint(len(experts), (1,), generator=generator))]
+        if config.method == "datm":
+            start_epoch = window.sample(it, generator)
+        else:
+            start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+        closure = TrajectoryMatching(
+            student,
+            images,
+            syn_lr,
+            labels,
+            expert_start=expert[start_epoch],
+            expert_target=expert[start_epoch + config.expert_epochs],
+            syn_steps=config.syn_steps,
+            batch_syn=config.batch_syn,
+            soft_labels=config.method == "datm",
+            augmentation=augmentation,
+            seed=int(torch.randint(2**62, (1,), generator=generator)),
+        )
+        try:
+            optimizer.step(closure, skip_if=gate)
+        except NonFiniteError as err:
+            save(it, draws)  # the optimizer restored the pre-step state
+            raise NonFiniteError(
+                f"{config.label}, outer iteration {it}: {err}. Rerun with nonfinite='skip' "
+                "(CLI: --nonfinite skip) to skip such steps and continue from "
+                f"{'the checkpoint just written' if path else 'here'}, or lower lr_img"
+            ) from err
+        with torch.no_grad():  # a negative inner lr inverts the inner loop (MTT #16)
+            clamped = bool(syn_lr < LR_FLOOR)
+            syn_lr.clamp_(min=LR_FLOOR)
+            image_norm = float(images.norm())
+        report = optimizer.last_step
+        assert report is not None
+        diagnostics.record(clamped=clamped, image_norm=image_norm, skipped=optimizer.skipped_steps)
+        history["loss"].append(report.loss)
+        history["perturbed_loss"].append(
+            math.nan if report.perturbed_loss is None else report.perturbed_loss
+        )
+        history["sharpness"].append(math.nan if report.sharpness is None else report.sharpness)
+        history["grad_norm"].append(report.grad_norm)
+        history["skipped"].append(0.0 if report.skipped is None else 1.0)
+        history["syn_lr"].append(float(syn_lr.detach()))
+        seconds += time.perf_counter() - began
+        if progress is not None:
+            progress(it, {k: v[-1] for k, v in history.items()})
+        if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
+            save(it + 1, generator.get_state())
+    diagnostics.warn(config.label)
+    return DistillResult(
+        config=config,
+        images=images.detach().cpu(),
+        labels=labels.detach().cpu(),
+        syn_lr=float(syn_lr.detach()),
+        ema_images=None if ema is None else ema.average.detach().cpu(),
+        history=history,
+        seconds=seconds,
+        diagnostics=diagnostics,
+    )

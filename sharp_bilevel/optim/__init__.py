@@ -1,0 +1,18 @@
+"""Floor 1, the optimizer plugin: ``SharpBilevelOptimizer``, the perturbation rules, SATM's
+smoothing, the step context and the errors. It knows nothing of trajectories: any closure that
+returns a loss and fills ``.grad`` is an outer objective."""
+
+from .context import ASCENT, DESCENT, StepContext, StepReport
+from .errors import NonFiniteError
+from .optimizer import SharpBilevelOptimizer
+from .smoothing import smoothing_noise
+
+__all__ = [
+    "ASCENT",
+    "DESCENT",
+    "NonFiniteError",
+    "SharpBilevelOptimizer",
+    "StepContext",
+    "StepReport",
+    "smoothing_noise",
+]

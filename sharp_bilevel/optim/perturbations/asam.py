@@ -1,0 +1,55 @@
+"""``"asam"``: Adaptive SAM (Kwon et al., ICML 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..reductions import XI, norm
+from .base import PerturbationRule, RuleState, check_bool, check_nonnegative, check_positive
+
+
+@dataclass(frozen=True)
+class ASAM(PerturbationRule):
+    r"""Scale-invariant SAM: the ball is taken in the coordinates ``T^{-1} \phi``.
+
+    .. math::
+        T = |\phi| + \eta, \qquad
+        \epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert_2 + \xi}, \qquad d = g'
+
+    ``eta = 0`` gives the widely copied davda54/sam variant. Unlike the official ASAM, which
+    applies ``T`` only to tensors named "weight", ``T`` applies to every perturbed tensor: the
+    synthetic images are the "weights" here. Keep ``eta > 0`` for images near zero, or ``T`` (and
+    with it ``eps``) vanishes there.
+
+    Args:
+        rho: radius in the rescaled coordinates, > 0 (default 0.5).
+        eta: offset of ``T``, >= 0 (default 0.01).
+        per_sample: one norm per sample instead of one for the whole set.
+    """
+
+    rho: float = 0.5
+    eta: float = 0.01
+    per_sample: bool = False
+
+    def validate(self) -> None:
+        check_positive("rho", self.rho)
+        check_nonnegative("eta", self.eta)
+        check_bool("per_sample", self.per_sample)
+
+    def ascent(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], state: RuleState, lr: float
+    ) -> tuple[list[Tensor], RuleState]:
+        return adaptive_ascent(params, grads, self.rho, self.eta, self.per_sample), state
+
+
+def adaptive_ascent(
+    params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, eta: float, per_sample: bool
+) -> list[Tensor]:
+    """``rho T^2 g / (||T g||_2 + xi)`` with ``T = |phi| + eta`` (ASAM's ascent)."""
+    scales = [p.abs() + eta for p in params]
+    scaled = [t * g for t, g in zip(scales, grads, strict=True)]
+    norms = norm(scaled, per_sample)
+    return [rho * t * tg / (n + XI) for t, tg, n in zip(scales, scaled, norms, strict=True)]

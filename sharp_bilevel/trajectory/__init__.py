@@ -1,0 +1,27 @@
+"""Floor 2, the trajectory engine: the functional student, the step plan, the unroll with TUH
+and TR, the inner optimizers, the hypergradient settings, replayable augmentation, the
+trajectory-matching objective and the SATM preset. It uses only :mod:`sharp_bilevel.optim`."""
+
+from .augment import DSA, DSAParams
+from .hypergradient import UnrollSettings, first_order_lr_grad
+from .inner import PlainSGD, TorchoptInner
+from .matching import TrajectoryMatching
+from .presets import satm_optimizer
+from .step_plan import StepPlan
+from .student import FunctionalStudent
+from .unroll import matching_loss, unroll
+
+__all__ = [
+    "DSA",
+    "DSAParams",
+    "FunctionalStudent",
+    "PlainSGD",
+    "StepPlan",
+    "TorchoptInner",
+    "TrajectoryMatching",
+    "UnrollSettings",
+    "first_order_lr_grad",
+    "matching_loss",
+    "satm_optimizer",
+    "unroll",
+]

@@ -1,0 +1,222 @@
+"""MTT-style trajectory matching as a closure for ``SharpBilevelOptimizer``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..optim.context import StepContext
+from .hypergradient import UnrollSettings, first_order_lr_grad
+from .inner import InnerOptimizer
+from .step_plan import Augmentation, StepPlan
+from .student import Student, as_student
+from .unroll import UnrollResult, matching_loss, unroll
+
+_TR_KEY = "trajectory_reuse"
+
+
+class TrajectoryMatching:
+    r"""The outer objective of one outer iteration; call it (or hand it to ``opt.step``).
+
+    .. math::
+        L(\phi, \alpha) = \frac{\lVert w_N(\phi, \alpha) - w^*_{t+M} \rVert^2}
+                               {\lVert w^*_t - w^*_{t+M} \rVert^2}, \qquad w_0 = w^*_t
+
+    with ``w_N`` the student after ``N = syn_steps`` inner steps on the synthetic set (see
+    :func:`sharp_bilevel.trajectory.unroll.unroll`). Build one per outer iteration: the step plan
+    (minibatches and augmentation randomness of every inner step) is drawn here, once, so the
+    optimizer's second pass at ``phi + eps`` and a trajectory-reuse restart replay the same inner
+    problem. The closure
+    reads the *current* values of ``images``, ``syn_lr`` and ``labels``, fills their ``.grad`` and
+    returns the detached loss.
+
+    In a ``SharpBilevelOptimizer`` step (a ``StepContext`` is passed) it applies the hypergradient
+    settings: TUH (``keep``), TR (the ascent pass stores ``w_tau`` in ``ctx.scratch``, the descent
+    pass restarts from it) and first-order lr learning (``syn_lr.grad`` assigned as
+    ``<dL/dw_N, sum_i u_i>``, the directions of steps before ``tau`` taken from the ascent pass).
+
+    Args:
+        student: the network (any ``nn.Module``, MTT's ``ReparamModule`` or a ``Student``);
+            never modified.
+        images: synthetic images ``[n, C, H, W]`` (the perturbed outer variable).
+        syn_lr: the learnable inner rate ``alpha`` (0-d tensor).
+        labels: hard labels ``[n]`` (long) or, with ``soft_labels``, logits ``[n, classes]``.
+        expert_start: ``w*_t``: a flat ``[P]`` vector or per-parameter tensors (MTT's snapshot).
+        expert_target: ``w*_{t+M}``, same forms.
+        syn_steps: ``N``.
+        batch_syn: synthetic samples per inner step (all when None).
+        soft_labels: DATM's learnable soft labels (targets ``softmax(labels)``).
+        augmentation: e.g. DSA; its randomness is drawn into the step plan.
+        settings: TUH/TR/lr settings; None reads ``ctx.options["unroll"]`` and falls back to
+            exact BPTT (MTT).
+        inner: inner optimizer (MTT's plain SGD by default).
+        generator: source of the plan's randomness (a fresh one seeded with ``seed`` if None).
+        seed: seed for that generator (default 0).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | Student,
+        images: Tensor,
+        syn_lr: Tensor,
+        labels: Tensor,
+        *,
+        expert_start: Tensor | Sequence[Tensor],
+        expert_target: Tensor | Sequence[Tensor],
+        syn_steps: int,
+        batch_syn: int | None = None,
+        soft_labels: bool = False,
+        augmentation: Augmentation | None = None,
+        settings: UnrollSettings | None = None,
+        inner: InnerOptimizer | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.student = as_student(student)
+        if images.dim() < 2:
+            raise ValueError(
+                f"images must be [n, ...] with n samples, got shape {tuple(images.shape)}"
+            )
+        if syn_lr.dim() != 0:
+            raise ValueError(f"syn_lr must be a 0-d tensor, got shape {tuple(syn_lr.shape)}")
+        n = images.shape[0]
+        expected = (n, labels.shape[-1]) if soft_labels else (n,)
+        if tuple(labels.shape) != expected or (labels.dim() != (2 if soft_labels else 1)):
+            kind = "logits [n, classes]" if soft_labels else "hard labels [n]"
+            raise ValueError(f"labels must be {kind} with n={n}, got shape {tuple(labels.shape)}")
+        self.images, self.syn_lr, self.labels = images, syn_lr, labels
+        self.soft_labels = soft_labels
+        dtype = self.student.dtype
+        self.expert_start = self._flat(expert_start, "expert_start").to(images.device, dtype)
+        self.expert_target = self._flat(expert_target, "expert_target").to(images.device, dtype)
+        self.augmentation = augmentation
+        self.settings = settings
+        self.inner = inner
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        self.plan = StepPlan.mtt(
+            n,
+            syn_steps,
+            batch_syn,
+            generator=generator,
+            sample_shape=tuple(images.shape[1:]),
+            augmentation=augmentation,
+        )
+        self.last_unroll: UnrollResult | None = None
+
+    def _flat(self, value: Tensor | Sequence[Tensor], name: str) -> Tensor:
+        if isinstance(value, Tensor) and value.dim() == 1:
+            if value.numel() != self.student.num_params:
+                raise ValueError(
+                    f"{name} has {value.numel()} entries, the network has "
+                    f"{self.student.num_params} parameters"
+                )
+            return value.detach()
+        try:
+            return self.student.flatten(list(value)).detach()
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+
+    def resolve_settings(self, ctx: StepContext | None) -> UnrollSettings:
+        """The settings in force: the constructor's, else ``ctx.options["unroll"]``, else exact."""
+        if self.settings is not None:
+            return self.settings
+        if ctx is not None and "unroll" in ctx.options:
+            settings = ctx.options["unroll"]
+            if not isinstance(settings, UnrollSettings):
+                raise TypeError(
+                    f"closure_options['unroll'] must be UnrollSettings, got {settings!r}"
+                )
+            return settings
+        return UnrollSettings()
+
+    def __call__(self, ctx: StepContext | None = None) -> Tensor:
+        lr = float(self.syn_lr.detach())
+        if not (lr > 0 and lr < float("inf")):
+            raise ValueError(
+                f"syn_lr is {lr}: a non-positive or non-finite inner learning rate turns the inner "
+                "loop into ascent; clamp it after each step (syn_lr.data.clamp_(min=1e-8)) or "
+                "lower the lr of its group"
+            )
+        settings = self.resolve_settings(ctx)
+        iota, tau = settings.resolve(self.plan.num_steps)
+        first_order = settings.lr_gradient == "first_order"
+        common = dict(
+            soft_targets=self.soft_labels,
+            augmentation=self.augmentation,
+            graph_from=iota,
+            lr_in_graph=not first_order,
+            inner=self.inner,
+        )
+        saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
+        if tau is not None and saved is not None:
+            w_tau, state_tau, before = saved
+            result = unroll(
+                self.student,
+                w_tau,
+                self.images,
+                self.labels,
+                self.syn_lr,
+                self.plan,
+                start_step=tau,
+                start_state=state_tau,
+                **common,  # type: ignore[arg-type]
+            )
+            directions = before + result.direction_sum
+        else:
+            record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
+            result = unroll(
+                self.student,
+                self.expert_start,
+                self.images,
+                self.labels,
+                self.syn_lr,
+                self.plan,
+                record_at=tau if record else None,
+                **common,  # type: ignore[arg-type]
+            )
+            if record and ctx is not None:
+                ctx.scratch[_TR_KEY] = (
+                    result.recorded,
+                    result.recorded_state,
+                    result.direction_sum_before,
+                )
+            directions = result.direction_sum
+        loss = matching_loss(result.final, self.expert_target, self.expert_start)
+        # Gradients only for the outer variables (and w_N for the first-order lr): none is
+        # wasted on the detached start of the graph (w_0, w_iota or w_tau).
+        leaves = [t for t in (self.images, self.labels) if t.requires_grad]
+        if not first_order and self.syn_lr.requires_grad:
+            leaves.append(self.syn_lr)
+        wants_lr = first_order and self.syn_lr.requires_grad
+        targets = [*leaves, result.final] if wants_lr else leaves
+        grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
+        for leaf, grad in zip(leaves, grads, strict=False):
+            if grad is not None:  # accumulate like backward()
+                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        if wants_lr:
+            value = first_order_lr_grad(grads[-1], directions)
+            self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
+        self.last_unroll = result
+        return loss.detach()
+
+
+def check_window(num_snapshots: int, start_epoch: int, expert_epochs: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= start_epoch`` and ``start_epoch + expert_epochs`` is
+    an epoch of a trajectory with ``num_snapshots`` snapshots (epochs ``0..num_snapshots-1``)."""
+    for name, value, least in (
+        ("start_epoch", start_epoch, 0),
+        ("expert_epochs", expert_epochs, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    last = num_snapshots - 1
+    if start_epoch + expert_epochs > last:
+        raise ValueError(
+            f"start_epoch + expert_epochs = {start_epoch} + {expert_epochs} = "
+            f"{start_epoch + expert_epochs} exceeds the trajectory length: the expert has "
+            f"epochs 0..{last}, so start_epoch must be <= {last - expert_epochs} "
+            "(lower max_start_epoch or expert_epochs, or train longer experts)"
+        )

@@ -1,0 +1,339 @@
+"""TrajectoryMatching against an MTT-style reference loop written here (float64).
+
+The reference is MTT's unroll as its ``distill.py`` writes it: a Python list of flat vectors,
+``torch.autograd.grad(create_graph=True)`` and ``w - syn_lr * g``; TUH is that loop with a
+``detach()`` at step ``iota``; TR is a second reference pass started from the recorded ``w_tau``.
+The network is run through ``torch.func.functional_call`` with a hand-written unflatten, so the
+library's ``FunctionalStudent`` is not part of the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchopt
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from sharp_bilevel import SharpBilevelOptimizer, StepContext
+from sharp_bilevel.trajectory.augment import DSA
+from sharp_bilevel.trajectory.hypergradient import UnrollSettings
+from sharp_bilevel.trajectory.inner import TorchoptInner
+from sharp_bilevel.trajectory.matching import TrajectoryMatching
+from sharp_bilevel.trajectory.step_plan import StepPlan
+
+N_SYN, CLASSES, STEPS, BATCH = 6, 3, 7, 4
+RTOL = 1e-10
+
+
+def tiny_convnet(seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.GroupNorm(4, 4),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, CLASSES),
+        ).double()
+
+
+def reference_forward(net: nn.Module, x: Tensor, flat: Tensor) -> Tensor:
+    params, offset = {}, 0
+    for name, p in net.named_parameters():
+        params[name] = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    out: Tensor = functional_call(net, params, (x,))
+    return out
+
+
+class Problem:
+    """One random distillation problem: network, synthetic set, expert start and target."""
+
+    def __init__(self, seed: int, soft: bool = False, dsa: bool = True) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.net = tiny_convnet(seed)
+        size = sum(p.numel() for p in self.net.parameters())
+        self.images = torch.randn(N_SYN, 1, 8, 8, generator=gen, dtype=torch.float64)
+        self.images.requires_grad_(True)
+        self.syn_lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        if soft:
+            self.labels = torch.randn(N_SYN, CLASSES, generator=gen, dtype=torch.float64)
+            self.labels.requires_grad_(True)
+        else:
+            self.labels = torch.arange(N_SYN) % CLASSES
+        self.soft = soft
+        self.start = torch.cat([p.detach().reshape(-1) for p in self.net.parameters()])
+        self.target = self.start + 0.05 * torch.randn(size, generator=gen, dtype=torch.float64)
+        self.augmentation = DSA() if dsa else None
+
+    def closure(self, settings: UnrollSettings | None = None, seed: int = 0) -> TrajectoryMatching:
+        return TrajectoryMatching(
+            self.net,
+            self.images,
+            self.syn_lr,
+            self.labels,
+            expert_start=self.start,
+            expert_target=self.target,
+            syn_steps=STEPS,
+            batch_syn=BATCH,
+            soft_labels=self.soft,
+            augmentation=self.augmentation,
+            settings=settings,
+            seed=seed,
+        )
+
+    def leaves(self) -> list[Tensor]:
+        out = [self.images, self.syn_lr]
+        return [*out, self.labels] if self.soft else out
+
+    def reference_unroll(
+        self,
+        plan: StepPlan,
+        images: Tensor,
+        *,
+        iota: int = 0,
+        stop: int | None = None,
+        begin: int = 0,
+        w_begin: Tensor | None = None,
+    ) -> list[Tensor]:
+        """MTT's loop over steps ``begin..stop-1``; ``detach()`` at step ``iota``."""
+        stop = plan.num_steps if stop is None else stop
+        w0 = self.start if w_begin is None else w_begin
+        student_params = [w0.clone().requires_grad_(True)]
+        for i in range(begin, stop):
+            if i == iota and i > begin:
+                student_params[-1] = student_params[-1].detach().requires_grad_(True)
+            idx = plan.indices[i]
+            x = images[idx]
+            if self.augmentation is not None:
+                x = self.augmentation.apply(x, plan.draws[i])
+            out = reference_forward(self.net, x, student_params[-1])
+            y = self.labels[idx]
+            ce = F.cross_entropy(out, torch.softmax(y, 1) if self.soft else y)
+            grad = torch.autograd.grad(ce, student_params[-1], create_graph=True)[0]
+            student_params.append(student_params[-1] - self.syn_lr * grad)
+        return student_params
+
+    def reference_loss(self, w_final: Tensor) -> Tensor:
+        return ((w_final - self.target) ** 2).sum() / ((self.start - self.target) ** 2).sum()
+
+
+def grads_of(loss: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    return list(torch.autograd.grad(loss, leaves, allow_unused=False))
+
+
+def library_grads(
+    closure: TrajectoryMatching, leaves: list[Tensor], ctx: StepContext | None = None
+) -> list[Tensor]:
+    for t in leaves:
+        t.grad = None
+    closure(ctx)
+    out = []
+    for t in leaves:
+        assert t.grad is not None
+        out.append(t.grad.clone())
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("soft", [False, True])
+def test_exact_bptt_matches_mtt_reference(seed: int, soft: bool) -> None:
+    problem = Problem(seed, soft=soft)
+    closure = problem.closure()
+    assert closure.plan.num_steps == STEPS
+    assert any(len(idx) < N_SYN for idx in closure.plan.indices)  # batch_syn < N_syn
+    ours = library_grads(closure, problem.leaves())
+    w = problem.reference_unroll(closure.plan, problem.images)
+    ref = grads_of(problem.reference_loss(w[-1]), problem.leaves())
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-14)
+    assert ours[0].abs().sum() > 0
+    assert ours[1].abs() > 0
+
+
+@pytest.mark.parametrize("keep", [1, 3, 5])
+def test_truncated_unroll_matches_reference_detached_at_iota(keep: int) -> None:
+    problem = Problem(3, soft=True)
+    closure = problem.closure(UnrollSettings(keep=keep))
+    ours = library_grads(closure, problem.leaves())
+    iota = STEPS - keep
+    w = problem.reference_unroll(closure.plan, problem.images, iota=iota)
+    ref = grads_of(problem.reference_loss(w[-1]), problem.leaves())
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-14)
+    exact = library_grads(problem.closure(), problem.leaves())
+    assert not torch.allclose(exact[0], ours[0])  # truncation really changes the gradient
+
+
+@pytest.mark.parametrize(("keep", "reuse"), [(3, True), (5, 4), (None, 2)])
+def test_trajectory_reuse_restarts_from_the_recorded_state(
+    keep: int | None, reuse: bool | int
+) -> None:
+    problem = Problem(4)
+    settings = UnrollSettings(keep=keep, reuse=reuse)
+    iota, tau = settings.resolve(STEPS)
+    assert tau is not None
+    closure = problem.closure(settings)
+    scratch: dict[str, object] = {}
+    ascent = StepContext("ascent", 0, two_pass=True, smoothed=False, scratch=scratch)
+    library_grads(closure, problem.leaves(), ascent)
+    eps = 0.01 * torch.randn(
+        problem.images.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64
+    )
+    with torch.no_grad():
+        problem.images.add_(eps)
+    descent = StepContext("descent", 0, two_pass=True, smoothed=False, scratch=scratch)
+    ours = library_grads(closure, problem.leaves(), descent)
+    with torch.no_grad():
+        phi = problem.images - eps  # only to build the reference's first part
+    w_first = problem.reference_unroll(closure.plan, phi.detach(), stop=tau)
+    w_tau = w_first[-1].detach()
+    w = problem.reference_unroll(closure.plan, problem.images, iota=iota, begin=tau, w_begin=w_tau)
+    ref = grads_of(problem.reference_loss(w[-1]), [problem.images])
+    torch.testing.assert_close(ours[0], ref[0], rtol=RTOL, atol=1e-14)
+
+
+def test_first_order_lr_gradient_equals_autograd_with_detached_inner_gradients() -> None:
+    problem = Problem(5)
+    closure = problem.closure(UnrollSettings(lr_gradient="first_order"))
+    ours = library_grads(closure, problem.leaves())
+    w = problem.reference_unroll(closure.plan, problem.images)
+    steps = [w[i] - w[i + 1] for i in range(STEPS)]  # = syn_lr * g_i
+    inner_grads = [(s / problem.syn_lr).detach() for s in steps]
+    w_first_order = problem.start - problem.syn_lr * torch.stack(inner_grads).sum(0)
+    (ref_lr,) = torch.autograd.grad(problem.reference_loss(w_first_order), [problem.syn_lr])
+    torch.testing.assert_close(ours[1], ref_lr, rtol=1e-9, atol=1e-14)
+    # The image gradient is still exact BPTT (only alpha is taken out of the graph).
+    ref_images, exact_lr = torch.autograd.grad(
+        problem.reference_loss(w[-1]), [problem.images, problem.syn_lr]
+    )
+    torch.testing.assert_close(ours[0], ref_images, rtol=RTOL, atol=1e-14)
+    assert torch.sign(exact_lr) == torch.sign(ours[1])
+
+
+def test_two_passes_at_the_same_point_replay_bit_identically() -> None:
+    problem = Problem(6)
+    closure = problem.closure()
+    first = library_grads(closure, problem.leaves())
+    loss_one = closure.last_unroll.final.detach().clone() if closure.last_unroll else None
+    torch.manual_seed(12345)  # the global RNG must not matter
+    torch.rand(100)
+    second = library_grads(closure, problem.leaves())
+    assert closure.last_unroll is not None
+    assert loss_one is not None
+    assert torch.equal(loss_one, closure.last_unroll.final.detach())
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_torchopt_momentum_inner_loop_matches_a_hand_written_unroll() -> None:
+    problem = Problem(7, dsa=False)
+    momentum = 0.9
+    closure = TrajectoryMatching(
+        problem.net,
+        problem.images,
+        problem.syn_lr,
+        problem.labels,
+        expert_start=problem.start,
+        expert_target=problem.target,
+        syn_steps=STEPS,
+        batch_syn=BATCH,
+        inner=TorchoptInner(torchopt.sgd(lr=1.0, momentum=momentum)),
+        seed=3,
+    )
+    ours = library_grads(closure, problem.leaves())
+    w = problem.start.clone().requires_grad_(True)
+    buf: Tensor | None = None
+    for i in range(STEPS):
+        idx = closure.plan.indices[i]
+        ce = F.cross_entropy(
+            reference_forward(problem.net, problem.images[idx], w), problem.labels[idx]
+        )
+        g = torch.autograd.grad(ce, w, create_graph=True)[0]
+        buf = g if buf is None else momentum * buf + g
+        w = w - problem.syn_lr * buf
+    ref = grads_of(problem.reference_loss(w), problem.leaves())
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-14)
+
+
+def test_sam_step_through_the_optimizer_equals_the_reference_composition() -> None:
+    problem = Problem(8)
+    rho, lr_img, lr_lr = 0.05, 2.0, 1e-3
+    phi = problem.images.detach().clone()
+    alpha = problem.syn_lr.detach().clone()
+    opt = SharpBilevelOptimizer(
+        [{"params": [problem.images]}, {"params": [problem.syn_lr], "perturb": False, "lr": lr_lr}],
+        perturbation="sam",
+        rho=rho,
+        lr=lr_img,
+    )
+    closure = problem.closure(seed=11)
+    opt.step(closure)
+    # Reference: g at phi, eps = rho g/||g||, then the gradient at phi + eps, plain SGD update.
+    stepped_images, stepped_lr = problem.images.detach().clone(), problem.syn_lr.detach().clone()
+    problem.syn_lr = alpha.clone().requires_grad_(True)  # the reference runs at the pre-step lr
+    images = phi.clone().requires_grad_(True)
+    w = problem.reference_unroll(closure.plan, images)
+    g = torch.autograd.grad(problem.reference_loss(w[-1]), images)[0]
+    eps = rho * g / (g.norm() + 1e-12)
+    images_adv = (phi + eps).requires_grad_(True)
+    w = problem.reference_unroll(closure.plan, images_adv)
+    loss_adv = problem.reference_loss(w[-1])
+    g_adv, lr_adv = torch.autograd.grad(loss_adv, [images_adv, problem.syn_lr])
+    torch.testing.assert_close(stepped_images, phi - lr_img * g_adv, rtol=RTOL, atol=1e-13)
+    torch.testing.assert_close(stepped_lr, alpha - lr_lr * lr_adv, rtol=RTOL, atol=1e-15)
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    problem = Problem(0, dsa=False)
+    with pytest.raises(ValueError, match="expert_start"):
+        TrajectoryMatching(
+            problem.net,
+            problem.images,
+            problem.syn_lr,
+            problem.labels,
+            expert_start=problem.start[:-1],
+            expert_target=problem.target,
+            syn_steps=2,
+        )
+    with pytest.raises(ValueError, match="labels"):
+        TrajectoryMatching(
+            problem.net,
+            problem.images,
+            problem.syn_lr,
+            problem.labels[:-1],
+            expert_start=problem.start,
+            expert_target=problem.target,
+            syn_steps=2,
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        TrajectoryMatching(
+            problem.net,
+            problem.images,
+            problem.syn_lr,
+            problem.labels,
+            expert_start=problem.start,
+            expert_target=problem.target,
+            syn_steps=2,
+            batch_syn=N_SYN + 1,
+        )
+    with pytest.raises(ValueError, match="identical"):
+        TrajectoryMatching(
+            problem.net,
+            problem.images,
+            problem.syn_lr,
+            problem.labels,
+            expert_start=problem.start,
+            expert_target=problem.start,
+            syn_steps=2,
+        )()
+    with pytest.raises(ValueError, match="reuse"):
+        UnrollSettings(keep=2, reuse=1).resolve(5)
+    with pytest.raises(ValueError, match="keep"):
+        UnrollSettings(keep=0)
+    with pytest.raises(ValueError, match="lr_gradient"):
+        UnrollSettings(lr_gradient="second")
