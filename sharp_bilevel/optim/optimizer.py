@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .context import ASCENT, DESCENT, Phase, StepContext, StepReport
+from .distributed import DistributedStepError, RankLayout
 from .errors import NonFiniteError
 from .perturbations.base import PerturbationRule, RuleState, is_number
 from .perturbations.registry import (
@@ -76,6 +77,13 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         closure_options: a mapping of read-only settings passed to one-argument closures as
             ``ctx.options``.
         perturbation_kwargs: rule hyperparameters given explicitly.
+        process_group: a ``torch.distributed`` process group (``dist.group.WORLD`` for all
+            ranks) when the outer variables are sharded over ranks: param groups with
+            ``"sharded": True`` hold this rank's rows of a set split along the first dimension.
+            Whole-set norms and inner products, the smoothing noise and every skip/raise
+            decision are then the same as in one process (:mod:`sharp_bilevel.optim.distributed`);
+            a failure on one rank makes every rank restore and raise ``DistributedStepError``.
+            None (default): one process.
         **kwargs: hyperparameters of the rule (any name the rule has, e.g. ``eta``, ``alpha``,
             ``theta``, ``per_sample``) and the base optimizer's keyword arguments (``lr``,
             ``momentum``, ...). A name that neither takes raises ``TypeError``. Every ``lr``
@@ -106,6 +114,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         seed: int | None = None,
         closure_options: Mapping[str, Any] | None = None,
         perturbation_kwargs: Mapping[str, Any] | None = None,
+        process_group: Any = None,
         **kwargs: Any,
     ) -> None:
         is_class = isinstance(base_optimizer, type) and issubclass(
@@ -174,6 +183,20 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 f"perturbation {type(self.perturbation).__name__} needs at least one param group "
                 "with perturb=True"
             )
+
+        self._layout: RankLayout | None = None
+        self._broken = False
+        if process_group is not None:
+            flags = []
+            for i, group in enumerate(self.param_groups):
+                group.setdefault("sharded", False)
+                if not isinstance(group["sharded"], bool):
+                    raise ValueError(
+                        f"param group {i}'s sharded must be True or False, got {group['sharded']!r}"
+                    )
+                if group["perturb"]:
+                    flags += [group["sharded"]] * len(group["params"])
+            self._layout = RankLayout.build(process_group, self._perturbed_params(), flags)
 
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item()) if self.smooth > 0 else 0
@@ -273,8 +296,16 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         scratch: dict[str, Any] = {}
         stepped = False
         try:
+            if self._broken:
+                raise DistributedStepError(
+                    "an earlier step failed and shut the process group down; build a new group "
+                    "and optimizer to go on"
+                )
             if self.smooth > 0:
-                noise = smoothing_noise(perturbed, self.smooth, self._noise_generator)
+                rows = None
+                if self._layout is not None:
+                    rows = [self._layout.noise_rows(k) for k in range(len(perturbed))]
+                noise = smoothing_noise(perturbed, self.smooth, self._noise_generator, rows)
                 with torch.no_grad():
                     torch._foreach_add_(perturbed, noise)
             loss = None
@@ -285,16 +316,15 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             self._refuse_sparse_grads()
             grads = _grads_or_zeros(perturbed)
             had_grad = [p.grad is not None for p in perturbed]
-            loss_value, grad_norm, problem = _inspect(loss, grads, everything)
+            loss_value, grad_norm, problem, gate = self._check_pass(
+                loss, grads, everything, skip_if, shield
+            )
             if problem:
                 return self._skip_nonfinite(
                     loss, loss_value, grad_norm, f"{problem} in the ascent pass"
                 )
-            if skip_if is not None:
-                with shield.open():
-                    gate = skip_if(loss)
-                if gate:
-                    return self._skip(loss, loss_value, grad_norm, "gate")
+            if gate:
+                return self._skip(loss, loss_value, grad_norm, "gate")
 
             new_state, adv_value = self._rule_state, None
             if self.perturbation.two_pass and closure is not None:
@@ -306,7 +336,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 _copy_into(perturbed, saved)
                 self._refuse_sparse_grads()
                 grads_adv = _grads_or_zeros(perturbed)
-                adv_value, _, problem = _inspect(perturbed_loss, grads_adv, everything)
+                adv_value, _, problem, _ = self._check_pass(
+                    perturbed_loss, grads_adv, everything, None, shield
+                )
                 if problem:
                     return self._skip_nonfinite(
                         loss, loss_value, grad_norm, f"{problem} in the descent pass"
@@ -322,10 +354,23 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             self.last_step = StepReport(loss_value, adv_value, grad_norm)
             stepped = True
             return loss
-        except BaseException:
+        except NonFiniteError:  # raised on every rank alike, after an agreement
             if rng is not None:
                 self._noise_generator.set_state(rng)
             raise
+        except BaseException as err:
+            if rng is not None:
+                self._noise_generator.set_state(rng)
+            if self._layout is None or isinstance(err, DistributedStepError):
+                raise
+            # Other ranks may be waiting in a collective this rank will never join: shut the
+            # group so theirs fail too, and raise the same error type everywhere.
+            self._broken = True
+            self._layout.abort()
+            raise DistributedStepError(
+                f"rank {self._layout.rank}: the step failed here or on another rank "
+                f"({type(err).__name__}: {err}); every rank restored its pre-step values"
+            ) from err
         finally:
             if not stepped:
                 _copy_into(perturbed, saved)
@@ -335,9 +380,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ) -> tuple[list[Tensor], RuleState]:
         """The rule's ``(eps, new_state)``, checked (user rules may return anything)."""
         where = f"{type(self.perturbation).__name__}.ascent()"
-        result: object = self.perturbation.ascent(
-            [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
-        )
+        with self._reduction_scope():
+            result: object = self.perturbation.ascent(
+                [p.detach() for p in perturbed], grads, self._rule_state, self._rule_lr()
+            )
         if not (isinstance(result, tuple | list) and len(result) == 2):
             raise TypeError(f"{where} must return a pair (eps, new_state), got {_describe(result)}")
         eps, new_state = result
@@ -357,8 +403,40 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ) -> list[Tensor]:
         """The rule's descent direction, checked."""
         where = f"{type(self.perturbation).__name__}.descent()"
-        direction: object = self.perturbation.descent(grads, grads_adv, state)
+        with self._reduction_scope():
+            direction: object = self.perturbation.descent(grads, grads_adv, state)
         return _checked_tensors(where, "the direction", direction, perturbed)
+
+    def _reduction_scope(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self._layout is None else self._layout.scope()
+
+    def _check_pass(
+        self,
+        loss: Any,
+        grads: list[Tensor],
+        everything: list[Tensor],
+        skip_if: Callable[[Any], bool] | None,
+        shield: _SigintShield,
+    ) -> tuple[float, float, str, bool]:
+        """Loss value, ``||g||``, a non-finite problem ("" if none) and the gate's verdict; with
+        a process group, agreed by every rank (one all-reduce)."""
+        layout = self._layout
+        weights = None if layout is None else [layout.weight(k) for k in range(len(grads))]
+        loss_value, sq_norm, problem = _inspect(loss, grads, everything, weights)
+        gate = False
+        if skip_if is not None and not problem:
+            with shield.open():
+                gate = bool(skip_if(loss))
+        if layout is not None:
+            device = grads[0].device if grads else torch.device("cpu")
+            bad_loss, bad_grad, sq_norm, gates = layout.agree(
+                [problem == _BAD_LOSS, problem == _BAD_GRAD, sq_norm, gate], device
+            )
+            problem = _BAD_LOSS if bad_loss else _BAD_GRAD if bad_grad else ""
+            problem += " (on at least one rank)" if problem else ""
+            gate = gates > 0
+        grad_norm = math.sqrt(sq_norm) if math.isfinite(sq_norm) and sq_norm >= 0 else math.nan
+        return loss_value, grad_norm, problem, gate
 
     def _refuse_sparse_grads(self) -> None:
         for i, group in enumerate(self.param_groups):
@@ -620,10 +698,18 @@ def _copy_into(params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
             p.copy_(v)
 
 
+_BAD_LOSS = "non-finite loss"
+_BAD_GRAD = "non-finite gradient"
+
+
 def _inspect(
-    loss: Any, grads: Sequence[Tensor], everything: Sequence[Tensor]
+    loss: Any,
+    grads: Sequence[Tensor],
+    everything: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
 ) -> tuple[float, float, str]:
-    """Loss value, ``||g||_2`` and a description of any non-finite value ("" if none), one sync."""
+    """Loss value, ``||g||_2^2`` (each tensor's share times ``weights[k]``) and a description of
+    any non-finite value ("" if none), in one sync."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(
@@ -637,7 +723,11 @@ def _inspect(
     device = loss_t.device
     all_grads = [p.grad for p in everything if p.grad is not None]
     grads_ok = [torch.isfinite(g).all().to(device) for g in all_grads]
-    sq = [g.to(torch.float64).square().sum().to(device) for g in grads]
+    shares = weights if weights is not None else [1.0] * len(grads)
+    sq = [
+        g.to(torch.float64).square().sum().to(device) * share
+        for g, share in zip(grads, shares, strict=True)
+    ]
     summary = torch.stack(
         [
             loss_t,
@@ -649,14 +739,10 @@ def _inspect(
     if loss is None:
         loss_value = math.nan
     elif not math.isfinite(loss_value):
-        return (
-            loss_value,
-            math.sqrt(sq_norm) if math.isfinite(sq_norm) else sq_norm,
-            "non-finite loss",
-        )
+        return loss_value, sq_norm, _BAD_LOSS
     if grads_finite != 1.0:
-        return loss_value, float("nan"), "non-finite gradient"
-    return loss_value, math.sqrt(sq_norm), ""
+        return loss_value, math.nan, _BAD_GRAD
+    return loss_value, sq_norm, ""
 
 
 class _SigintShield:

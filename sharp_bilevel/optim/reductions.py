@@ -14,6 +14,10 @@ result keeps its parameter's dtype. A whole-set sum accumulates in the promoted 
 (at least float32) before it is cast back to each tensor's dtype: a float32 scalar beside a
 float64 tensor gets a float32 result, a bfloat16 tensor beside float32 ones a bfloat16 result
 from a float32 total.
+
+Inside :meth:`sharp_bilevel.optim.distributed.RankLayout.scope` (a sharded step), whole-set sums
+run over every rank's rows; per-sample sums stay local. User rules that build whole-set
+quantities from :func:`reduce_sum`, :func:`dot` and :func:`norm` are therefore exact across ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .distributed import current_layout
 
 #: Denominator guard used by every built-in rule (DESIGN.md section 4).
 XI = 1e-12
@@ -41,7 +47,17 @@ def reduce_sum(tensors: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
     if not tensors:
         return []
     acc = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
-    total = torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
+    layout = current_layout()
+    if layout is None:
+        total = torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
+    else:  # a sharded set: the sum over every rank's rows, replicated tensors counted once
+        if len(tensors) != len(layout.sharded):
+            raise ValueError(
+                f"a whole-set sum over ranks needs one tensor per perturbed parameter "
+                f"({len(layout.sharded)}), got {len(tensors)}"
+            )
+        parts = [t.sum(dtype=acc) * layout.weight(k) for k, t in enumerate(tensors)]
+        total = layout.all_reduce_sum(torch.stack(parts).sum())
     cast = {dtype: total.to(dtype) for dtype in {t.dtype for t in tensors}}
     return [cast[t.dtype] for t in tensors]
 

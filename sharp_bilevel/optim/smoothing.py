@@ -12,7 +12,10 @@ from .reductions import norm
 
 
 def smoothing_noise(
-    params: Sequence[Tensor], gamma: float, generator: torch.Generator
+    params: Sequence[Tensor],
+    gamma: float,
+    generator: torch.Generator,
+    rows: Sequence[tuple[int, int] | None] | None = None,
 ) -> list[Tensor]:
     r"""Draw ``Delta`` for each tensor, independently per sample (leading dimension).
 
@@ -25,12 +28,21 @@ def smoothing_noise(
     ``gamma ||phi_j|| I``; this is the same family with ``gamma`` made relative). A zero sample
     gets no noise. ``z`` comes from ``generator`` (a CPU generator, so a seed gives the same noise
     on every device) and is cast to each tensor's dtype and device.
+
+    ``rows[k] = (offset, total)`` marks tensor ``k`` as this rank's rows
+    ``[offset, offset + n)`` of a set of ``total`` sharded over ranks: ``z`` is drawn for all
+    ``total`` rows and sliced, so sample ``j`` gets the same noise whichever rank owns it (and as
+    in one process).
     """
     norms = norm([p.detach() for p in params], per_sample=True)
+    where = list(rows) if rows is not None else [None] * len(params)
     noise = []
-    for p, n in zip(params, norms, strict=True):
+    for p, n, shard in zip(params, norms, where, strict=True):
         per_sample = p.numel() // p.shape[0] if p.dim() > 0 else 1
         draw_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-        z = torch.randn(p.shape, generator=generator, dtype=draw_dtype).to(p.device, p.dtype)
-        noise.append((gamma / math.sqrt(per_sample)) * n * z)
+        shape = p.shape if shard is None else (shard[1], *p.shape[1:])
+        z = torch.randn(shape, generator=generator, dtype=draw_dtype)
+        if shard is not None:
+            z = z[shard[0] : shard[0] + p.shape[0]]
+        noise.append((gamma / math.sqrt(per_sample)) * n * z.to(p.device, p.dtype))
     return noise

@@ -213,6 +213,16 @@ class DSADraw:
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         object.__setattr__(self, "batch_size", batch)
 
+    def select(self, positions: Tensor) -> DSADraw:
+        """The draw of the images at ``positions`` of the batch (a sharded rank's members), in
+        that order: applying it to those images equals applying the whole draw and selecting."""
+        positions = positions.to("cpu", torch.int64)
+        return DSADraw(
+            self.family,
+            {k: v[positions.to(v.device)] for k, v in self.values.items()},
+            self.image_size,
+        )
+
     def to(self, device: torch.device | str) -> DSADraw:
         """A copy with every tensor on ``device``."""
         return DSADraw(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..optim.context import StepContext
 from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import InnerOptimizer
+from .sharded import Shard
 from .step_plan import Augmentation, StepPlan
 from .student import Student, as_student
 from .unroll import UnrollResult, matching_loss, unroll
@@ -54,6 +55,11 @@ class TrajectoryMatching:
         inner: inner optimizer (MTT's plain SGD by default).
         generator: source of the plan's randomness (a fresh one seeded with ``seed`` if None).
         seed: seed for that generator (default 0).
+        shard: the synthetic set is sharded over ranks and ``images``/``labels`` hold this
+            rank's rows ``[shard.offset, shard.offset + shard.count)``; the plan (same seed on
+            every rank) indexes all ``shard.total`` samples, every rank follows the same
+            trajectory and gets the exact gradient of its own rows (see
+            :mod:`sharp_bilevel.trajectory.sharded`).
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class TrajectoryMatching:
         inner: InnerOptimizer | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.student = as_student(student)
         if images.dim() < 2:
@@ -82,6 +89,8 @@ class TrajectoryMatching:
         if syn_lr.dim() != 0:
             raise ValueError(f"syn_lr must be a 0-d tensor, got shape {tuple(syn_lr.shape)}")
         n = images.shape[0]
+        if shard is not None and shard.count != n:
+            raise ValueError(f"images has {n} rows but the shard owns {shard.count}")
         expected = (n, labels.shape[-1]) if soft_labels else (n,)
         if tuple(labels.shape) != expected or (labels.dim() != (2 if soft_labels else 1)):
             kind = "logits [n, classes]" if soft_labels else "hard labels [n]"
@@ -96,8 +105,9 @@ class TrajectoryMatching:
         self.inner = inner
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        self.shard = shard
         self.plan = StepPlan.mtt(
-            n,
+            n if shard is None else shard.total,
             syn_steps,
             batch_syn,
             generator=generator,
@@ -149,6 +159,7 @@ class TrajectoryMatching:
             graph_from=iota,
             lr_in_graph=not first_order,
             inner=self.inner,
+            shard=self.shard,
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         if tau is not None and saved is not None:
@@ -191,13 +202,16 @@ class TrajectoryMatching:
         if not first_order and self.syn_lr.requires_grad:
             leaves.append(self.syn_lr)
         wants_lr = first_order and self.syn_lr.requires_grad
-        targets = [*leaves, result.final] if wants_lr else leaves
+        targets = [*leaves, result.final] if wants_lr else list(leaves)
+        if self.shard is not None and result.graph_start is not None:
+            # Every rank must run every backward collective, whichever of its inputs need them.
+            targets.append(result.graph_start)
         grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
         for leaf, grad in zip(leaves, grads, strict=False):
             if grad is not None:  # accumulate like backward()
                 leaf.grad = grad if leaf.grad is None else leaf.grad + grad
         if wants_lr:
-            value = first_order_lr_grad(grads[-1], directions)
+            value = first_order_lr_grad(grads[len(leaves)], directions)
             self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
         self.last_unroll = result
         return loss.detach()

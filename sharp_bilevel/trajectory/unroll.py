@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .inner import InnerOptimizer, PlainSGD, detach_state
+from .sharded import Shard, check_shardable, copy_to_ranks, reduce_from_ranks
 from .step_plan import Augmentation, StepPlan
 from .student import Student
 
@@ -39,6 +41,9 @@ class UnrollResult:
         recorded: ``w_tau`` (detached) when ``record_at`` was given, else None.
         recorded_state: the inner optimizer's state at ``tau`` (detached).
         direction_sum_before: ``sum_{i < tau} u_i`` (detached) when recording.
+        graph_start: the leaf ``w`` where the graph begins (``w_iota``, or ``start`` when this
+            call began inside the graph); a sharded backward asks for its gradient so every rank
+            runs every collective.
     """
 
     final: Tensor
@@ -46,6 +51,7 @@ class UnrollResult:
     recorded: Tensor | None = None
     recorded_state: Any = None
     direction_sum_before: Tensor | None = None
+    graph_start: Tensor | None = None
 
 
 def inner_loss(logits: Tensor, targets: Tensor, soft: bool) -> Tensor:
@@ -73,6 +79,7 @@ def unroll(
     lr_in_graph: bool = True,
     inner: InnerOptimizer | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    shard: Shard | None = None,
 ) -> UnrollResult:
     """Run inner steps ``start_step..N-1`` of ``plan`` from ``start``.
 
@@ -91,7 +98,10 @@ def unroll(
         lr_in_graph: False keeps ``alpha`` out of the graph (first-order lr learning).
         inner: the inner optimizer (MTT's plain SGD by default).
         loss_fn: ``loss_fn(outputs, targets)`` replaces the (soft) cross-entropy, e.g. a squared
-            error for regression.
+            error for regression (a mean over the batch).
+        shard: this rank's part of a set sharded over ranks (:mod:`~.sharded`): ``images`` and
+            ``targets`` hold its rows only, the plan indexes the whole set, and each step's
+            gradient is summed over ranks so every rank follows the same trajectory.
     """
     inner = PlainSGD() if inner is None else inner
     n_steps = plan.num_steps
@@ -100,6 +110,8 @@ def unroll(
     if record_at is not None and not start_step <= record_at < n_steps:
         raise ValueError(f"record_at must be in [{start_step}, {n_steps}), got {record_at}")
     buffers = student.fresh_buffers()
+    if shard is not None:
+        check_shardable(buffers)
     w = start.detach().requires_grad_(True)
     state = inner.init(w) if start_state is None else start_state
     direction_sum = torch.zeros_like(w, requires_grad=False)
@@ -114,17 +126,18 @@ def unroll(
             # A fresh leaf: steps before iota leave no graph behind.
             w = w.detach().requires_grad_(True)
             state = detach_state(state)
-        idx = plan.indices[i].to(images.device)
-        x = images[idx] if graph else images.detach()[idx]
-        draw = plan.draws[i]
-        if augmentation is not None and draw is not None:
-            x = augmentation.apply(x, draw)
-        y = targets[idx.to(targets.device)]
-        if not graph:
-            y = y.detach()
-        outputs = student(x, w, buffers)
-        loss = inner_loss(outputs, y, soft_targets) if loss_fn is None else loss_fn(outputs, y)
-        (grad,) = torch.autograd.grad(loss, w, create_graph=graph)
+        if graph and result.graph_start is None:
+            result.graph_start = w
+        if shard is None:
+            grad = _step_gradient(
+                student, w, buffers, images, targets, plan.indices[i], plan.draws[i],
+                graph=graph, augmentation=augmentation, soft=soft_targets, loss_fn=loss_fn,
+            )  # fmt: skip
+        else:
+            grad = _sharded_step_gradient(
+                student, w, buffers, images, targets, plan.indices[i], plan.draws[i], shard,
+                graph=graph, augmentation=augmentation, soft=soft_targets, loss_fn=loss_fn,
+            )  # fmt: skip
         u, state = inner.direction(grad, state, w)
         direction_sum += u.detach()
         lr = syn_lr if (graph and lr_in_graph) else syn_lr.detach()
@@ -134,6 +147,82 @@ def unroll(
     result.final = w
     result.direction_sum = direction_sum
     return result
+
+
+def _step_gradient(
+    student: Student,
+    w: Tensor,
+    buffers: dict[str, Tensor],
+    images: Tensor,
+    targets: Tensor,
+    indices: Tensor,
+    draw: Any,
+    *,
+    graph: bool,
+    augmentation: Augmentation | None,
+    soft: bool,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+) -> Tensor:
+    """``g_i``: the gradient of the mean inner loss over the minibatch ``indices`` at ``w``."""
+    idx = indices.to(images.device)
+    x = images[idx] if graph else images.detach()[idx]
+    if augmentation is not None and draw is not None:
+        x = augmentation.apply(x, draw)
+    y = targets[idx.to(targets.device)]
+    if not graph:
+        y = y.detach()
+    outputs = student(x, w, buffers)
+    loss = inner_loss(outputs, y, soft) if loss_fn is None else loss_fn(outputs, y)
+    (grad,) = torch.autograd.grad(loss, w, create_graph=graph)
+    return grad
+
+
+def _sharded_step_gradient(
+    student: Student,
+    w: Tensor,
+    buffers: dict[str, Tensor],
+    images: Tensor,
+    targets: Tensor,
+    indices: Tensor,
+    draw: Any,
+    shard: Shard,
+    *,
+    graph: bool,
+    augmentation: Augmentation | None,
+    soft: bool,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+) -> Tensor:
+    """``g_i = sum_r g_i^(r)``: this rank's members of the minibatch, weighted by
+    ``|members| / |B_i|``, then summed over ranks (``f``/``g`` collectives with graph)."""
+    positions, rows = shard.members(indices)
+    w_in = copy_to_ranks(w, shard.group) if graph else w
+    if rows.numel() == 0:
+        # No member here: a zero part that still depends on w, so this rank joins every
+        # collective of the forward and of the backward.
+        part = w_in * 0.0
+    else:
+        local = rows.to(images.device)
+        local_draw = None if draw is None else _select(draw, positions)
+        part = _step_gradient(
+            student, w_in, buffers, images, targets, local, local_draw,
+            graph=graph, augmentation=augmentation, soft=soft, loss_fn=loss_fn,
+        )  # fmt: skip
+        part = part * (rows.numel() / indices.numel())
+    if graph:
+        return reduce_from_ranks(part, shard.group)
+    total = part.detach().clone()
+    dist.all_reduce(total, group=shard.group)
+    return total
+
+
+def _select(draw: Any, positions: Tensor) -> Any:
+    select = getattr(draw, "select", None)
+    if select is None:
+        raise TypeError(
+            f"a sharded unroll needs augmentation draws with select(positions) (DSADraw has it), "
+            f"got {type(draw).__name__}"
+        )
+    return select(positions)
 
 
 def matching_loss(final: Tensor, target: Tensor, start: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ The stepped reference is a twin optimizer that never saw the failure.
 from __future__ import annotations
 
 import copy
+import gc
 import signal
 import sys
 import threading
@@ -162,9 +163,15 @@ class _InterruptAt:
 
 
 def _traced_step(opt, closure, n):
-    """One step with SIGINT at line ``n``; returns (lines run, KeyboardInterrupt raised)."""
+    """One step with SIGINT at line ``n``; returns (lines run, KeyboardInterrupt raised).
+
+    The garbage collector is off while tracing: a collection runs finalizers at arbitrary
+    points, which would add traced lines that are not the step's and shift the sweep.
+    """
     tracer, previous = _InterruptAt(n), sys.gettrace()
     interrupted = False
+    collecting = gc.isenabled()
+    gc.disable()
     sys.settrace(tracer)
     try:
         opt.step(closure)
@@ -172,6 +179,8 @@ def _traced_step(opt, closure, n):
         interrupted = True
     finally:
         sys.settrace(previous)
+        if collecting:
+            gc.enable()
     return tracer.lines, interrupted
 
 
