@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..adapters import datm
@@ -28,6 +29,7 @@ from ..optim.errors import NonFiniteError
 from ..optim.optimizer import SharpBilevelOptimizer
 from ..trajectory.augment import DSA
 from ..trajectory.matching import TrajectoryMatching
+from ..trajectory.sharded import Shard, check_shardable
 from ..trajectory.student import FunctionalStudent
 from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries
 from .config import METHODS, RESUMABLE_CHANGES, DistillConfig
@@ -35,6 +37,7 @@ from .data import class_balanced_indices
 from .diagnostics import LR_FLOOR, DistillationWarning, RunDiagnostics
 from .experts import experts_fingerprint
 from .networks import get_network
+from .sharding import gather_optimizer_state, gather_rows, map_rows, slice_optimizer_state
 from .validation import ConfigError
 
 __all__ = [
@@ -173,6 +176,7 @@ def distill(
     device: torch.device | str = "cpu",
     progress: Callable[[int, dict[str, float]], None] | None = None,
     experts_id: str | None = None,
+    process_group: Any = None,
 ) -> DistillResult:
     """Distil ``config.ipc`` images per class by trajectory matching against ``experts``.
 
@@ -195,6 +199,12 @@ def distill(
         progress: called after every iteration with the iteration and its logged values.
         experts_id: a name of the experts recorded in the checkpoint (the CLI passes its
             manifest's identity); by default a SHA-256 of the experts' values.
+        process_group: shard the synthetic set over the ranks of this ``torch.distributed``
+            group (every rank calls ``distill`` with the same arguments). Each rank keeps the
+            rows :meth:`Shard.even <sharp_bilevel.trajectory.sharded.Shard.even>` gives it, every
+            outer step equals the single-process step up to float summation order, rank 0 writes
+            the checkpoint (whole tensors, resumable under any number of ranks) and every rank
+            returns the whole set.
 
     Raises:
         ResumeError: the checkpoint records other settings or experts (each one is named).
@@ -218,18 +228,32 @@ def distill(
     images, labels, syn_lr = _initial_state(
         config, train_images, train_labels, num_classes, experts, student, generator
     )
+    initial_norm = float(images.norm())
+    shard = None if process_group is None else Shard.current(len(images), process_group)
+    is_main = process_group is None or dist.get_rank(group=process_group) == 0
+    if shard is not None:
+        check_shardable(student.fresh_buffers())
+        images, labels = shard.rows(images), shard.rows(labels)
     images = images.to(device).requires_grad_(True)
     labels = labels.to(device)
     syn_lr = syn_lr.to(device).requires_grad_(True)
+    sharded = shard is not None
     groups: list[dict[str, Any]] = [
-        {"params": [images]},
+        {"params": [images], "sharded": sharded},
         {"params": [syn_lr], "perturb": False, "lr": config.lr_lr},
     ]
     if config.method == "datm":
         labels.requires_grad_(True)
         groups.append(
-            {"params": [labels], "perturb": False, "lr": config.lr_labels, "momentum": 0.9}
+            {
+                "params": [labels],
+                "perturb": False,
+                "lr": config.lr_labels,
+                "momentum": 0.9,
+                "sharded": sharded,
+            }
         )
+    sharded_params = {0, 2} if config.method == "datm" else {0}
     optimizer = SharpBilevelOptimizer(
         groups,
         torch.optim.SGD,
@@ -238,6 +262,7 @@ def distill(
         seed=config.seed,
         nonfinite=config.nonfinite,
         closure_options={"unroll": config.unroll_settings()},
+        process_group=process_group,
         **config.rule_kwargs(),
     )
     ema = ImageEMA(images, config.ema_decay).attach(optimizer) if config.method == "ftd" else None
@@ -246,11 +271,12 @@ def distill(
     history: dict[str, list[float]] = {
         k: [] for k in ("loss", "perturbed_loss", "grad_norm", "sharpness", "skipped", "syn_lr")
     }
-    diagnostics = RunDiagnostics(initial_image_norm=float(images.detach().norm()))
+    diagnostics = RunDiagnostics(initial_image_norm=initial_norm)
     start_iteration, seconds = 0, 0.0
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None:
-        remove_stale_temporaries(path.parent, path.name)
+        if is_main:
+            remove_stale_temporaries(path.parent, path.name)
         experts_id = experts_id or experts_fingerprint(experts)
     saved = None if path is None else check_checkpoint(path, config, experts_id)
     if saved is not None:
@@ -263,20 +289,37 @@ def distill(
                 DistillationWarning,
                 stacklevel=2,
             )
+        optimizer_state, ema_state = saved["optimizer"], saved["ema"]
+        if shard is not None:  # the checkpoint holds whole tensors: take this rank's rows
+            for key in ("images", "labels"):
+                saved[key] = shard.rows(saved[key])
+            optimizer_state = slice_optimizer_state(optimizer_state, sharded_params, shard)
+            ema_state = map_rows(ema_state, shard.total, shard.rows)
         with torch.no_grad():
             images.copy_(saved["images"])
             syn_lr.copy_(saved["syn_lr"])
             labels.copy_(saved["labels"])
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
         generator.set_state(saved["generator"])
         if ema is not None:
-            ema.load_state_dict(saved["ema"])
+            ema.load_state_dict(ema_state)
         history = saved["history"]
         diagnostics = RunDiagnostics(**saved["diagnostics"])
         start_iteration, seconds = saved["iteration"], saved["seconds"]
 
+    def whole(t: Tensor) -> Tensor:
+        return (t if shard is None else gather_rows(t, shard)).detach().cpu()
+
     def save(iteration: int, generator_state: Tensor) -> None:
         if path is None:
+            return
+        optimizer_state = optimizer.state_dict()
+        ema_state = None if ema is None else ema.state_dict()
+        if shard is not None:  # every rank joins the gathers; rank 0 writes
+            optimizer_state = gather_optimizer_state(optimizer_state, sharded_params, shard)
+            ema_state = map_rows(ema_state, shard.count, lambda t: gather_rows(t, shard))
+        whole_images, whole_labels = whole(images), whole(labels)
+        if not is_main:
             return
         atomic_save(
             {
@@ -284,12 +327,12 @@ def distill(
                 "experts_id": experts_id,
                 "threads": torch.get_num_threads(),
                 "iteration": iteration,
-                "images": images.detach().cpu(),
+                "images": whole_images,
                 "syn_lr": syn_lr.detach().cpu(),
-                "labels": labels.detach().cpu(),
-                "optimizer": optimizer.state_dict(),
+                "labels": whole_labels,
+                "optimizer": optimizer_state,
                 "generator": generator_state,
-                "ema": None if ema is None else ema.state_dict(),
+                "ema": ema_state,
                 "history": history,
                 "diagnostics": diagnostics.as_dict(),
                 "seconds": seconds,
@@ -311,6 +354,7 @@ def distill(
             images,
             syn_lr,
             labels,
+            shard=shard,
             expert_start=expert[start_epoch],
             expert_target=expert[start_epoch + config.expert_epochs],
             syn_steps=config.syn_steps,
@@ -331,7 +375,10 @@ def distill(
         with torch.no_grad():  # a negative inner lr inverts the inner loop (MTT #16)
             clamped = bool(syn_lr < LR_FLOOR)
             syn_lr.clamp_(min=LR_FLOOR)
-            image_norm = float(images.norm())
+            image_sq = images.square().sum()
+            if shard is not None:
+                dist.all_reduce(image_sq, group=process_group)
+            image_norm = float(image_sq.sqrt())
         report = optimizer.last_step
         assert report is not None
         diagnostics.record(clamped=clamped, image_norm=image_norm, skipped=optimizer.skipped_steps)
@@ -348,13 +395,14 @@ def distill(
             progress(it, {k: v[-1] for k, v in history.items()})
         if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
             save(it + 1, generator.get_state())
-    diagnostics.warn(config.label)
+    if is_main:
+        diagnostics.warn(config.label)
     return DistillResult(
         config=config,
-        images=images.detach().cpu(),
-        labels=labels.detach().cpu(),
+        images=whole(images),
+        labels=whole(labels),
         syn_lr=float(syn_lr.detach()),
-        ema_images=None if ema is None else ema.average.detach().cpu(),
+        ema_images=None if ema is None else whole(ema.average),
         history=history,
         seconds=seconds,
         diagnostics=diagnostics,
