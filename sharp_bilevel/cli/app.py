@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import warnings
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ..distill.checkpoint import (
@@ -41,6 +43,7 @@ from ..distill.expert_store import (
 from ..distill.experts import Expert, train_expert
 from ..distill.pipeline import DistillResult, ResumeError, check_checkpoint, distill
 from ..distill.report import save_curves, save_image_grid, write_json
+from ..distill.sharding import Launch, launch_from_environment
 from ..distill.validation import ConfigError
 from ..optim.errors import NonFiniteError
 from .checks import check_arguments, check_data, check_experts, flag_for
@@ -51,10 +54,12 @@ class _Refused(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a user error in one line (no usage block) and exits with 2."""
+    """argparse that reports a user error in one line (no usage block) and exits with 2; under
+    ``torchrun`` only rank 0 prints it."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        main_rank = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if main_rank else None)
 
 
 def _csv(text: str) -> list[str]:
@@ -217,9 +222,10 @@ def _expert_settings(args: argparse.Namespace, split: DatasetSplit) -> dict[str,
 
 
 def _experts(
-    args: argparse.Namespace, split: DatasetSplit, out: Path
+    args: argparse.Namespace, split: DatasetSplit, out: Path, *, train: bool = True
 ) -> tuple[list[Expert], ExpertManifest, str]:
-    """The experts, their manifest and where they came from (``given``/``loaded``/``trained``)."""
+    """The experts, their manifest and where they came from; ``train=False`` (ranks other
+    than 0) only loads what rank 0 left in the folder."""
     if args.buffers:
         try:
             experts, manifest = describe_buffers(args.buffers)
@@ -233,6 +239,8 @@ def _experts(
     trained: list[int] = []
 
     def train_one(k: int) -> Expert:
+        if not train:
+            raise RuntimeError(f"expert {k} is missing from {folder} after rank 0 trained them")
         expert = train_expert(
             args.model,
             split.train,
@@ -313,10 +321,9 @@ def _distill_one(
     experts: list[Expert],
     experts_id: str,
     folder: Path,
+    group: Any = None,
 ) -> DistillResult:
     checkpoint = folder / "checkpoint.pt"
-    if args.no_resume:
-        checkpoint.unlink(missing_ok=True)
     bar = tqdm(total=config.iterations, desc=config.label, disable=args.quiet)
 
     def progress(it: int, values: dict[str, float]) -> None:
@@ -337,6 +344,7 @@ def _distill_one(
                 device=args.device,
                 progress=progress,
                 experts_id=experts_id,
+                process_group=group,
             )
     finally:
         bar.close()
@@ -382,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExpertFolderError, _Refused) as err:
         parser.error(str(err))
     except NonFiniteError as err:
-        print(f"{parser.prog}: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog}: {err}", file=sys.stderr)
         return 1
 
 
@@ -393,24 +402,51 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
     split = _load_data(args)
     check_data(args, split)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    launch = launch_from_environment(args.device)
+    if launch.backend == "nccl":
+        args.device = f"cuda:{launch.local_rank}"
+    args.quiet = args.quiet or not launch.is_main
+    say = print if launch.is_main else _silent
+    if launch.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        if args.no_resume:
+            for config in configs:
+                (out / config.label / "checkpoint.pt").unlink(missing_ok=True)
+    _barrier(launch)  # nobody reads a checkpoint rank 0 is about to remove
     train = split.train
     channels, h, w = train.images.shape[1:]
-    print(
+    say(
         f"{args.dataset}: {len(train.labels)} train / {len(split.test.labels)} test images, "
         f"{channels}x{h}x{w}, {train.num_classes} classes -> {out}"
+        + (f" ({launch.world_size} ranks, {launch.backend})" if launch.world_size > 1 else "")
     )
     _check_checkpoints(args, out, configs)  # before training experts
-    experts, manifest, source = _experts(args, split, out)
+    if launch.is_main:
+        experts, manifest, source = _experts(args, split, out)
+    _barrier(launch)  # the other ranks load what rank 0 trained
+    if not launch.is_main:
+        args.no_resume = False
+        experts, manifest, source = _experts(args, split, out, train=False)
     check_experts(args, split, experts)
     experts_id = manifest.identity(len(experts))
-    print(f"{len(experts)} expert trajectories of {len(experts[0]) - 1} epochs ({source})")
+    say(f"{len(experts)} expert trajectories of {len(experts[0]) - 1} epochs ({source})")
     _check_checkpoints(args, out, configs, experts_id)  # before any evaluation
 
+    group = dist.group.WORLD if launch.world_size > 1 else None
+    results = {}
+    for config in configs:
+        folder = out / config.label
+        result = _distill_one(args, config, split, experts, experts_id, folder, group)
+        if launch.is_main:
+            _save_run(result, folder, columns=max(args.ipc, train.num_classes))
+        results[config.label] = result
+    if launch.world_size > 1:
+        dist.destroy_process_group()  # evaluation is rank 0's alone
+    if not launch.is_main:
+        return 0
+
     evaluations: dict[str, dict[str, EvalResult]] = {}
-    runs: dict[str, dict[str, Any]] = {}
-    histories: dict[str, dict[str, list[float]]] = {}
     evaluations["random real"] = random_real_baseline(
         train.images,
         train.labels,
@@ -428,31 +464,28 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         subset_seed=args.seed,
     )
-    for config in configs:
-        folder = out / config.label
-        result = _distill_one(args, config, split, experts, experts_id, folder)
-        _save_run(result, folder, columns=max(args.ipc, train.num_classes))
-        evaluations[config.label] = _evaluate(
+    runs: dict[str, dict[str, Any]] = {}
+    for label, result in results.items():
+        evaluations[label] = _evaluate(
             args, split, result.images, result.labels, result.syn_lr, result.soft_labels
         )
         if result.ema_images is not None:
-            evaluations[f"{config.label} (EMA)"] = _evaluate(
+            evaluations[f"{label} (EMA)"] = _evaluate(
                 args, split, result.ema_images, result.labels, result.syn_lr, result.soft_labels
             )
-        histories[config.label] = result.history
-        runs[config.label] = {
-            "config": dataclasses.asdict(config),
+        runs[label] = {
+            "config": dataclasses.asdict(result.config),
             "syn_lr": result.syn_lr,
             "distill_seconds": result.seconds,
             "diagnostics": result.diagnostics.as_dict(),
             "warnings": result.diagnostics.problems(),
             "history": result.history,
         }
-    save_curves(histories, out / "curves.png")
+    save_curves({label: r.history for label, r in results.items()}, out / "curves.png")
     header = "".join(f"{arch:>18}" for arch in _csv(args.eval_models))
     print(f"\ntest accuracy % (mean ± std over seeds {args.eval_seeds})\n{'':<22}{header}")
-    for name, results in evaluations.items():
-        print(_row(name, results))
+    for name, scores in evaluations.items():
+        print(_row(name, scores))
     write_json(
         {
             "dataset": args.dataset,
@@ -464,6 +497,11 @@ def _run(args: argparse.Namespace) -> int:
                 "epochs": len(experts[0]) - 1,
                 "identity": experts_id,
                 "manifest": manifest.to_dict(),
+            },
+            "distributed": {
+                "world_size": launch.world_size,
+                "backend": launch.backend,
+                "mode": launch.mode,
             },
             "accuracy": {
                 name: {arch: dataclasses.asdict(r) for arch, r in res.items()}
@@ -482,6 +520,15 @@ def _run(args: argparse.Namespace) -> int:
         f"({time.perf_counter() - began:.0f} s)"
     )
     return 0
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """``print`` for ranks other than 0."""
+
+
+def _barrier(launch: Launch) -> None:
+    if launch.world_size > 1:
+        dist.barrier()
 
 
 if __name__ == "__main__":
