@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sharp_bilevel.trajectory.hypergradient import UnrollSettings
 from sharp_bilevel.trajectory.matching import TrajectoryMatching
+from sharp_bilevel.trajectory.sharded import Shard
 from sharp_bilevel.trajectory.student import Student
 
 from ._common import dsa_from_fork, expert_endpoints, setting
@@ -45,6 +46,7 @@ def make_closure(
     soft_labels: bool = False,
     settings: UnrollSettings | None = None,
     seed: int | None = None,
+    shard: Shard | None = None,
 ) -> TrajectoryMatching:
     """Build the outer objective of one MTT iteration.
 
@@ -62,7 +64,10 @@ def make_closure(
             (and ``no_aug`` switches augmentation off, as in MTT).
         settings: TUH/TR/lr settings (None: from the optimizer's ``closure_options``, else exact).
         seed: seed of this iteration's step plan (drawn from torch's global RNG when None, so a
-            fork's ``torch.manual_seed`` still fixes the run).
+            fork's ``torch.manual_seed`` still fixes the run). Under ``torchrun`` pass the same
+            seed on every rank (``seed=it``).
+        shard: run on several GPUs/machines: ``image_syn``/``label_syn`` hold this rank's rows
+            (``Shard.current(total)``); see the "Several GPUs and machines" page.
     """
     epochs = setting(args, "expert_epochs", expert_epochs)
     steps = setting(args, "syn_steps", syn_steps)
@@ -92,4 +97,5 @@ def make_closure(
         augmentation=augmentation,
         settings=settings,
         seed=seed,
+        shard=shard,
     )

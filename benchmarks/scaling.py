@@ -76,18 +76,18 @@ class Traffic:
         dist.all_reduce = self._original
 
 
-def make_step(variant: str, cfg: tuple, shard: Shard | None):  # type: ignore[no-untyped-def]
+def make_step(variant: str, cfg: tuple, shard: Shard | None, device: str = "cpu"):  # type: ignore[no-untyped-def]
     _, width, shape, ipc, _ = cfg
-    net = build_net(width, shape)
+    net = build_net(width, shape).to(device)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(CLASSES * ipc, *shape, generator=gen)
     labels = torch.arange(CLASSES).repeat_interleave(ipc)
     if shard is not None:
         images, labels = shard.rows(images), shard.rows(labels)
-    images.requires_grad_(True)
-    syn_lr = torch.tensor(0.01, requires_grad=True)
+    images, labels = images.to(device).requires_grad_(True), labels.to(device)
+    syn_lr = torch.tensor(0.01, device=device, requires_grad=True)
     start = FunctionalStudent(net).flat_parameters()
-    target = start + 0.01 * torch.randn(start.shape, generator=gen)
+    target = start + 0.01 * torch.randn(start.shape, generator=gen).to(device)
     group = dist.group.WORLD if shard is not None else None
     groups = [
         {"params": [images], "sharded": shard is not None},
@@ -117,13 +117,19 @@ def make_step(variant: str, cfg: tuple, shard: Shard | None):  # type: ignore[no
     return step, int(start.numel())
 
 
-def measure(cfg: tuple, shard: Shard | None) -> dict[str, Any]:
+def measure(cfg: tuple, shard: Shard | None, device: str = "cpu") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    steps = {v: make_step(v, cfg, shard) for v in VARIANTS}
-    for v, (step, params) in steps.items():
+    cuda = device.startswith("cuda")
+    for v in VARIANTS:
+        step, params = make_step(v, cfg, shard, device)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         with saved_bytes_meter() as meter, Traffic() as traffic:
             step()  # warm-up, metered
         out[v] = {
+            "step": step,
+            "cuda_max_allocated": torch.cuda.max_memory_allocated(device) if cuda else 0,
             "saved_bytes": meter["peak"],
             "allreduce_calls": traffic.calls,
             "allreduce_bytes": traffic.bytes,
@@ -131,14 +137,17 @@ def measure(cfg: tuple, shard: Shard | None) -> dict[str, Any]:
             "times": [],
         }
     for _ in range(cfg[4]):
-        for v, (step, _) in steps.items():
+        for v in VARIANTS:
             if shard is not None:
                 dist.barrier()
             began = time.perf_counter()
-            step()
+            out[v]["step"]()
+            if cuda:
+                torch.cuda.synchronize(device)
             out[v]["times"].append(time.perf_counter() - began)
     for v in VARIANTS:
         out[v]["seconds"] = statistics.median(out[v]["times"])
+        del out[v]["step"]
     return out
 
 
@@ -155,42 +164,48 @@ def expected_bytes(variant: str, params: int) -> int:
     return 4 * params * vectors + 8 * scalars
 
 
-def _worker(rank: int, world: int, init: str, configs: list, out: str) -> None:
+def _worker(rank: int, world: int, init: str, configs: list, out: str, device: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     results = []
     for cfg in configs:
         shard = Shard.current(CLASSES * cfg[3])
         results.append(
-            {"config": cfg[0], "rank": rank, "count": shard.count, **measure(cfg, shard)}
+            {"config": cfg[0], "rank": rank, "count": shard.count, **measure(cfg, shard, device)}
         )
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
-def run_world(world: int, configs: list) -> list[list[dict[str, Any]]]:
+def run_world(world: int, configs: list, device: str = "cpu") -> list[list[dict[str, Any]]]:
     """Per config, one result per rank (``world = 1``: one process, no process group)."""
     if world == 1:
         torch.set_num_threads(2)
-        return [[{"config": c[0], "rank": 0, "count": CLASSES * c[3], **measure(c, None)}]
+        single = "cuda:0" if device == "cuda" else device
+        return [[{"config": c[0], "rank": 0, "count": CLASSES * c[3], **measure(c, None, single)}]
                 for c in configs]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/rendezvous"
-        mp.start_processes(_worker, args=(world, init, configs, tmp), nprocs=world,
+        mp.start_processes(_worker, args=(world, init, configs, tmp, device), nprocs=world,
                            start_method="spawn")  # fmt: skip
         per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     return [list(col) for col in zip(*per_rank, strict=True)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, *, default_out: str = "scaling.json") -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small config")
     parser.add_argument("--worlds", default="1,2,3")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
-    args = parser.parse_args()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / default_out))
+    args = parser.parse_args(argv)
     configs = QUICK if args.quick else FULL
     worlds = [int(w) for w in args.worlds.split(",")]
-    by_world = {w: run_world(w, configs) for w in worlds}
+    by_world = {w: run_world(w, configs, args.device) for w in worlds}
     rows = []
     for k, cfg in enumerate(configs):
         single = by_world[1][k][0] if 1 in by_world else None
@@ -208,6 +223,12 @@ def main() -> None:
                         expected_bytes(v, ranks[0][v]["params"]) / 2**20, 3
                     ) if w > 1 else 0.0,
                 }  # fmt: skip
+                if args.device == "cuda":
+                    cuda_peak = max(r[v]["cuda_max_allocated"] for r in ranks)
+                    row["per_rank_cuda_max_mib"] = round(cuda_peak / 2**20, 1)
+                    if single is not None:
+                        base = single[v]["cuda_max_allocated"]
+                        row["cuda_vs_single"] = round(cuda_peak / base, 3)
                 if single is not None:
                     row["saved_vs_single"] = round(peak / single[v]["saved_bytes"], 3)
                     row["time_vs_single"] = round(row["seconds"] / single[v]["seconds"], 3)
@@ -217,7 +238,9 @@ def main() -> None:
                 rows.append(row)
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""),
+        "device": args.device,
         "syn_steps": SYN_STEPS,
         "rows": rows,
     }
@@ -226,7 +249,7 @@ def main() -> None:
     keys = [
         "config", "world", "variant", "per_rank_saved_mib", "saved_vs_single", "target", "pass",
         "allreduce_mib", "expected_allreduce_mib", "seconds", "time_vs_single",
-    ]  # fmt: skip
+    ] + (["per_rank_cuda_max_mib", "cuda_vs_single"] if args.device == "cuda" else [])  # fmt: skip
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     Path(args.out).with_suffix(".md").write_text(

@@ -16,6 +16,7 @@ The public entry points:
 from .distill.networks import available_networks, get_network
 from .distill.zca import ZCA
 from .optim.context import ASCENT, DESCENT, StepContext, StepReport
+from .optim.distributed import DistributedStepError
 from .optim.errors import NonFiniteError
 from .optim.optimizer import SharpBilevelOptimizer
 from .optim.perturbations import (
@@ -36,6 +37,7 @@ from .trajectory.hypergradient import UnrollSettings, first_order_lr_grad
 from .trajectory.inner import PlainSGD, TorchoptInner
 from .trajectory.matching import TrajectoryMatching
 from .trajectory.presets import satm_optimizer
+from .trajectory.sharded import Shard
 from .trajectory.step_plan import StepPlan
 from .trajectory.student import FunctionalStudent
 from .trajectory.unroll import matching_loss, unroll
@@ -51,11 +53,13 @@ __all__ = [
     "SAM",
     "ZCA",
     "DSAParams",
+    "DistributedStepError",
     "FunctionalStudent",
     "NoPerturbation",
     "NonFiniteError",
     "PerturbationRule",
     "PlainSGD",
+    "Shard",
     "SharpBilevelOptimizer",
     "SmoothedSAM",
     "StepContext",

@@ -3,6 +3,7 @@ smoothing, the step context and the errors. It knows nothing of trajectories: an
 returns a loss and fills ``.grad`` is an outer objective."""
 
 from .context import ASCENT, DESCENT, StepContext, StepReport
+from .distributed import DistributedStepError, RankLayout
 from .errors import NonFiniteError
 from .optimizer import SharpBilevelOptimizer
 from .smoothing import smoothing_noise
@@ -10,7 +11,9 @@ from .smoothing import smoothing_noise
 __all__ = [
     "ASCENT",
     "DESCENT",
+    "DistributedStepError",
     "NonFiniteError",
+    "RankLayout",
     "SharpBilevelOptimizer",
     "StepContext",
     "StepReport",

@@ -7,6 +7,7 @@ from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import PlainSGD, TorchoptInner
 from .matching import TrajectoryMatching
 from .presets import satm_optimizer
+from .sharded import Shard, copy_to_ranks, reduce_from_ranks
 from .step_plan import StepPlan
 from .student import FunctionalStudent
 from .unroll import matching_loss, unroll
@@ -16,12 +17,15 @@ __all__ = [
     "DSAParams",
     "FunctionalStudent",
     "PlainSGD",
+    "Shard",
     "StepPlan",
     "TorchoptInner",
     "TrajectoryMatching",
     "UnrollSettings",
+    "copy_to_ranks",
     "first_order_lr_grad",
     "matching_loss",
+    "reduce_from_ranks",
     "satm_optimizer",
     "unroll",
 ]

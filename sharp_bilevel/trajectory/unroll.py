@@ -112,6 +112,7 @@ def unroll(
     buffers = student.fresh_buffers()
     if shard is not None:
         check_shardable(buffers)
+    problem = _InnerProblem(student, buffers, images, targets, augmentation, soft_targets, loss_fn)
     w = start.detach().requires_grad_(True)
     state = inner.init(w) if start_state is None else start_state
     direction_sum = torch.zeros_like(w, requires_grad=False)
@@ -129,15 +130,9 @@ def unroll(
         if graph and result.graph_start is None:
             result.graph_start = w
         if shard is None:
-            grad = _step_gradient(
-                student, w, buffers, images, targets, plan.indices[i], plan.draws[i],
-                graph=graph, augmentation=augmentation, soft=soft_targets, loss_fn=loss_fn,
-            )  # fmt: skip
+            grad = problem.gradient(w, plan.indices[i], plan.draws[i], graph)
         else:
-            grad = _sharded_step_gradient(
-                student, w, buffers, images, targets, plan.indices[i], plan.draws[i], shard,
-                graph=graph, augmentation=augmentation, soft=soft_targets, loss_fn=loss_fn,
-            )  # fmt: skip
+            grad = problem.sharded_gradient(w, plan.indices[i], plan.draws[i], graph, shard)
         u, state = inner.direction(grad, state, w)
         direction_sum += u.detach()
         lr = syn_lr if (graph and lr_in_graph) else syn_lr.detach()
@@ -149,70 +144,56 @@ def unroll(
     return result
 
 
-def _step_gradient(
-    student: Student,
-    w: Tensor,
-    buffers: dict[str, Tensor],
-    images: Tensor,
-    targets: Tensor,
-    indices: Tensor,
-    draw: Any,
-    *,
-    graph: bool,
-    augmentation: Augmentation | None,
-    soft: bool,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
-) -> Tensor:
-    """``g_i``: the gradient of the mean inner loss over the minibatch ``indices`` at ``w``."""
-    idx = indices.to(images.device)
-    x = images[idx] if graph else images.detach()[idx]
-    if augmentation is not None and draw is not None:
-        x = augmentation.apply(x, draw)
-    y = targets[idx.to(targets.device)]
-    if not graph:
-        y = y.detach()
-    outputs = student(x, w, buffers)
-    loss = inner_loss(outputs, y, soft) if loss_fn is None else loss_fn(outputs, y)
-    (grad,) = torch.autograd.grad(loss, w, create_graph=graph)
-    return grad
+@dataclass(frozen=True)
+class _InnerProblem:
+    """What every inner step of one unroll reads: the student, the (local) synthetic set and
+    its targets, the augmentation and the loss."""
 
+    student: Student
+    buffers: dict[str, Tensor]
+    images: Tensor
+    targets: Tensor
+    augmentation: Augmentation | None
+    soft: bool
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None
 
-def _sharded_step_gradient(
-    student: Student,
-    w: Tensor,
-    buffers: dict[str, Tensor],
-    images: Tensor,
-    targets: Tensor,
-    indices: Tensor,
-    draw: Any,
-    shard: Shard,
-    *,
-    graph: bool,
-    augmentation: Augmentation | None,
-    soft: bool,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
-) -> Tensor:
-    """``g_i = sum_r g_i^(r)``: this rank's members of the minibatch, weighted by
-    ``|members| / |B_i|``, then summed over ranks (``f``/``g`` collectives with graph)."""
-    positions, rows = shard.members(indices)
-    w_in = copy_to_ranks(w, shard.group) if graph else w
-    if rows.numel() == 0:
-        # No member here: a zero part that still depends on w, so this rank joins every
-        # collective of the forward and of the backward.
-        part = w_in * 0.0
-    else:
-        local = rows.to(images.device)
-        local_draw = None if draw is None else _select(draw, positions)
-        part = _step_gradient(
-            student, w_in, buffers, images, targets, local, local_draw,
-            graph=graph, augmentation=augmentation, soft=soft, loss_fn=loss_fn,
-        )  # fmt: skip
-        part = part * (rows.numel() / indices.numel())
-    if graph:
-        return reduce_from_ranks(part, shard.group)
-    total = part.detach().clone()
-    dist.all_reduce(total, group=shard.group)
-    return total
+    def gradient(self, w: Tensor, indices: Tensor, draw: Any, graph: bool) -> Tensor:
+        """``g_i``: the gradient of the mean inner loss over the minibatch ``indices`` at ``w``."""
+        idx = indices.to(self.images.device)
+        x = self.images[idx] if graph else self.images.detach()[idx]
+        if self.augmentation is not None and draw is not None:
+            x = self.augmentation.apply(x, draw)
+        y = self.targets[idx.to(self.targets.device)]
+        if not graph:
+            y = y.detach()
+        outputs = self.student(x, w, self.buffers)
+        if self.loss_fn is None:
+            loss = inner_loss(outputs, y, self.soft)
+        else:
+            loss = self.loss_fn(outputs, y)
+        (grad,) = torch.autograd.grad(loss, w, create_graph=graph)
+        return grad
+
+    def sharded_gradient(
+        self, w: Tensor, indices: Tensor, draw: Any, graph: bool, shard: Shard
+    ) -> Tensor:
+        """``g_i = sum_r g_i^(r)``: this rank's members of the global minibatch, weighted by
+        ``|members| / |B_i|``, summed over ranks (the ``f``/``g`` collectives with graph)."""
+        positions, rows = shard.members(indices)
+        w_in = copy_to_ranks(w, shard.group) if graph else w
+        if rows.numel() == 0:
+            # No member here: a zero part that still depends on w, so this rank joins every
+            # collective of the forward and of the backward.
+            part = w_in * 0.0
+        else:
+            local_draw = None if draw is None else _select(draw, positions)
+            part = self.gradient(w_in, rows, local_draw, graph)
+            part = part * (rows.numel() / indices.numel())
+        if graph:
+            return reduce_from_ranks(part, shard.group)
+        total = part.detach().clone()
+        dist.all_reduce(total, group=shard.group)
+        return total
 
 
 def _select(draw: Any, positions: Tensor) -> Any:

@@ -88,3 +88,17 @@ def test_even_split_and_members() -> None:
     assert rows.tolist() == [0, 1]
     with pytest.raises(ValueError, match="outside a set of 7"):
         Shard(5, 3, 7)
+
+
+def test_students_with_batch_statistics_are_refused_when_sharded() -> None:
+    from sharp_bilevel import TrajectoryMatching, get_network
+
+    net = get_network("ConvNetBN", 1, 3, (8, 8), width=4, seed=0)
+    w0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    images = torch.randn(4, 1, 8, 8, requires_grad=True)
+    closure = TrajectoryMatching(
+        net, images, torch.tensor(0.01, requires_grad=True), torch.arange(4) % 3,
+        expert_start=w0, expert_target=w0 + 0.01, syn_steps=2, shard=Shard(0, 4, 4),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="without batch statistics"):
+        closure()
