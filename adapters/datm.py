@@ -25,12 +25,13 @@ from torch import Tensor, nn
 
 from sharp_bilevel.trajectory.student import Student, as_student
 
+from .mtt import floor_syn_lr
 from .mtt import make_closure as _mtt_closure
 
 make_closure = partial(_mtt_closure, soft_labels=True)
 make_closure.__doc__ = "MTT's closure with ``soft_labels=True``: ``label_syn`` are logits."
 
-__all__ = ["StartEpochWindow", "gate", "make_closure", "soft_label_logits"]
+__all__ = ["StartEpochWindow", "floor_syn_lr", "gate", "make_closure", "soft_label_logits"]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .mtt import make_closure
+from .mtt import floor_syn_lr, make_closure
 
-__all__ = ["ImageEMA", "make_closure"]
+__all__ = ["ImageEMA", "floor_syn_lr", "make_closure"]
 
 
 class ImageEMA:

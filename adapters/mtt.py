@@ -12,11 +12,13 @@ where ``optimizer`` is one ``SharpBilevelOptimizer`` over ``image_syn`` and ``sy
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from sharp_bilevel.trajectory.hypergradient import UnrollSettings
 from sharp_bilevel.trajectory.matching import TrajectoryMatching
@@ -25,7 +27,7 @@ from sharp_bilevel.trajectory.student import Student
 
 from ._common import dsa_from_fork, expert_endpoints, setting
 
-__all__ = ["make_closure"]
+__all__ = ["floor_syn_lr", "make_closure"]
 
 
 def make_closure(
@@ -99,3 +101,27 @@ def make_closure(
         seed=seed,
         shard=shard,
     )
+
+
+def floor_syn_lr(
+    optimizer: torch.optim.Optimizer, syn_lr: Tensor, floor: float = 1e-8
+) -> RemovableHandle:
+    """Keep the learnable inner lr at or above ``floor`` after every ``optimizer.step()``.
+
+    Its own SGD step can push ``syn_lr`` below zero (MTT issue #16: 0.01 -> -0.0275 -> -2627 ->
+    NaN at ``lr_lr=1e-4`` upstream); a non-positive rate turns the inner loop into ascent, so the
+    next closure refuses it with a ``ValueError``. One line after building the optimizer,
+    ``mtt.floor_syn_lr(optimizer, syn_lr)``, clamps it in a post-step hook instead (the main
+    job does the same). Returns the hook's handle (``.remove()`` undoes it).
+
+    Raises:
+        ValueError: ``floor`` is not a finite number > 0.
+    """
+    if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 < floor < math.inf:
+        raise ValueError(f"floor must be a finite number > 0, got {floor!r}")
+
+    def clamp(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            syn_lr.clamp_(min=floor)
+
+    return optimizer.register_step_post_hook(clamp)

@@ -45,3 +45,17 @@ def test_adapters_ship_as_a_subpackage_only(tmp_path: Path) -> None:
     ).stdout.splitlines()
     assert Path(out[0]).parent == ROOT / "adapters"
     assert out[1] == "None", "the repository's adapters/ must not be importable as `adapters`"
+
+
+def test_readme_python_blocks_run_with_warnings_as_errors(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert blocks, "README.md shows the optimizer in a python block"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "\n\n".join(blocks)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

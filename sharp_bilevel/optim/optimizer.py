@@ -256,7 +256,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     def step(
         self, closure: Closure | None = None, *, skip_if: Callable[[Any], bool] | None = None
     ) -> Any:
-        """One sharpness-aware step; returns the first closure call's loss.
+        """One sharpness-aware step; returns the first closure call's loss, detached (a tensor
+        the closure returned comes back without its graph, so logging it holds no memory).
 
         The step is all or nothing: if it raises (in the closure, the rule, ``skip_if``, a step
         hook of the base optimizer, ``NonFiniteError``), the parameters, the base optimizer's
@@ -281,7 +282,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 "step() needs a closure: the perturbation evaluates the objective twice"
             )
         with _SigintShield() as shield:
-            return self._step(closure, skip_if, shield)
+            loss = self._step(closure, skip_if, shield)
+        return loss.detach() if isinstance(loss, Tensor) else loss
 
     def _step(
         self,

@@ -212,7 +212,11 @@ def matching_loss(final: Tensor, target: Tensor, start: Tensor) -> Tensor:
     denominator = (start.detach() - target.detach()).square().sum()
     if not bool(denominator > 0):
         raise ValueError(
-            "the expert start and target parameters are identical: the matching loss is undefined "
-            "(choose expert_epochs >= 1 on a trajectory that moves)"
+            "the expert start and target parameters are identical: the matching loss is "
+            "undefined. Likely cause: buffers written by MTT's buffer.py on the CPU, where "
+            "p.detach().cpu() is the live tensor, so every stored epoch equals the final weights "
+            "(store p.detach().clone(), or train experts with "
+            "sharp_bilevel.distill.experts.train_expert); otherwise choose expert_epochs >= 1 "
+            "on a trajectory that moves"
         )
     return (final - target.detach()).square().sum() / denominator

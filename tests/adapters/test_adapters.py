@@ -348,3 +348,32 @@ def test_experts_as_flat_vectors_give_the_same_objective() -> None:
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+def test_floor_syn_lr_keeps_the_inner_lr_positive_after_every_step() -> None:
+    from sharp_bilevel.adapters import datm, ftd, mtt
+
+    from sharp_bilevel import SharpBilevelOptimizer
+
+    assert ftd.floor_syn_lr is mtt.floor_syn_lr is datm.floor_syn_lr
+    syn_lr = torch.tensor(0.01, requires_grad=True)
+    phi = torch.zeros(3, requires_grad=True)
+    opt = SharpBilevelOptimizer(
+        [{"params": [phi]}, {"params": [syn_lr], "perturb": False, "lr": 1.0}],
+        perturbation="none",
+        lr=0.1,
+    )
+    handle = mtt.floor_syn_lr(opt, syn_lr, floor=1e-6)
+
+    def closure():
+        loss = (phi - 1).square().sum() + 5.0 * syn_lr  # d/d syn_lr = 5: one step -> 0.01 - 5
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert float(syn_lr.detach()) == pytest.approx(1e-6)
+    handle.remove()
+    opt.step(closure)
+    assert float(syn_lr.detach()) < 0  # without the hook the step goes below zero
+    with pytest.raises(ValueError, match="finite number > 0"):
+        mtt.floor_syn_lr(opt, syn_lr, floor=0.0)

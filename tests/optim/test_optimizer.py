@@ -858,3 +858,19 @@ def test_smoothing_applies_to_perturbed_groups_only_and_none_rule_steps_on_smoot
     g, gq = objective.grads(smoothed, Q0)
     for t, t0, d in zip(P + Q, P0 + Q0, g + gq, strict=True):
         torch.testing.assert_close(t.detach(), t0 - 0.1 * d, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rule", ["none", "sam"])
+def test_step_returns_the_first_loss_detached(rule: str) -> None:
+    phi = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))
+    opt = SharpBilevelOptimizer([phi], perturbation=rule, lr=0.1)
+
+    def closure():
+        loss = (phi**2).sum()
+        loss.backward()
+        return loss
+
+    returned = opt.step(closure)
+    assert returned.grad_fn is None
+    assert not returned.requires_grad
+    assert float(returned) == 5.0  # F(phi) at the pre-step point

@@ -337,3 +337,11 @@ def test_bad_inputs_name_the_argument() -> None:
         UnrollSettings(keep=0)
     with pytest.raises(ValueError, match="lr_gradient"):
         UnrollSettings(lr_gradient="second")
+
+
+def test_experts_that_do_not_move_name_the_likely_cause() -> None:
+    from sharp_bilevel.trajectory.unroll import matching_loss
+
+    w = torch.randn(5)
+    with pytest.raises(ValueError, match=r"buffer\.py on the CPU.*live tensor"):
+        matching_loss(w + 1, w.clone(), w.clone())
