@@ -144,3 +144,40 @@ def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_pa
     shot = tmp_path / "api.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("fork", ["mtt", "ftd", "datm"])
+def test_every_rule_row_of_a_swap_page_runs_with_the_rest_of_its_diff(fork: str) -> None:
+    """The rule tables promise: swap the row's arguments into the diff, change nothing else."""
+    import warnings
+
+    import torch
+
+    from sharp_bilevel import SharpBilevelOptimizer
+
+    text = (DOCS / "swap" / f"{fork}.md").read_text()
+    rows = re.findall(r"^\| [^|]+ \| `(perturbation=[^`]+)` \|$", text, re.M)
+    assert len(rows) == 6, rows
+    for arguments in rows:
+        kwargs = eval(f"dict({arguments})")  # the page's own text, e.g. perturbation="sam", rho=.05
+        image_syn = torch.randn(4, 1, 8, 8, requires_grad=True)
+        syn_lr = torch.tensor(0.01, requires_grad=True)
+        groups = [
+            {"params": [image_syn], "lr": 1000.0},
+            {"params": [syn_lr], "lr": 1e-5, "perturb": False},
+        ]
+        if fork == "datm":
+            label_syn = torch.randn(4, 3, requires_grad=True)
+            groups.append({"params": [label_syn], "lr": 2.0, "momentum": 0.9, "perturb": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = SharpBilevelOptimizer(groups, momentum=0.5, **kwargs)
+
+        def closure(*, images=image_syn, lr=syn_lr):  # type: ignore[no-untyped-def]
+            loss = images.square().sum() * lr
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert "from sharp_bilevel import satm_optimizer" in text
+    assert "+        lr=args.lr_img, rho=0.05, gamma=0.01, seed=0)" in text
