@@ -1,9 +1,10 @@
 """``python -m sharp_bilevel``: experts, distillation (MTT/FTD/DATM x any rule), evaluation.
 
-With no arguments it runs on scikit-learn's bundled 8x8 digits in a few minutes on two CPU
+With no arguments it runs on scikit-learn's bundled 8x8 digits in under a minute on two idle CPU
 cores: it trains expert trajectories, distils one image per class with plain MTT (``none``) and
 with SATM, evaluates both (and random real images) on the distillation architecture and on
-another one, and writes everything to one folder.
+another one, and writes everything to one folder. Under ``torchrun`` the synthetic set is
+sharded over the ranks; rank 0 writes and evaluates.
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ from ..distill.validation import ConfigError
 from ..optim.errors import NonFiniteError
 from .checks import check_arguments, check_data, check_experts, flag_for
 
+DESCRIPTION = (
+    "The main job: train expert trajectories, distil a synthetic set with MTT, FTD or DATM "
+    "and any perturbation rule, evaluate it on several architectures and write images, curves "
+    "and a JSON report. With no arguments it runs on scikit-learn's bundled 8x8 digits (one "
+    "image per class, plain MTT and SATM) in under a minute on two idle CPU cores."
+)
+EPILOG = (
+    "Several GPUs or machines: torchrun --nproc_per_node=K -m sharp_bilevel ... (the synthetic "
+    "set is sharded over the K ranks). Docs: the command-line page of the docs site."
+)
+
 
 class _Refused(Exception):
     """A user error that names no single flag (the message says what to do)."""
@@ -82,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of the main job."""
     p = _Parser(
         prog="python -m sharp_bilevel",
-        description=__doc__,
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = p.add_argument_group("data and experts")
@@ -103,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder of replay_buffer_{n}.pt files to use instead of training experts",
     )
-    data.add_argument("--num-experts", type=int, default=4)
+    data.add_argument(
+        "--num-experts", type=int, default=4, help="expert trajectories to train (or reuse)"
+    )
     data.add_argument("--train-epochs", type=int, default=6, help="epochs per expert")
     data.add_argument(
         "--expert-optimizer",
@@ -112,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sgd (MTT's buffers) or gsam (FTD's flat experts)",
     )
     run = p.add_argument_group("distillation")
-    run.add_argument("--method", choices=METHODS, default="mtt")
+    run.add_argument(
+        "--method",
+        choices=METHODS,
+        default="mtt",
+        help="mtt, ftd (image EMA) or datm (soft labels, start-epoch window, loss gate)",
+    )
     run.add_argument(
         "--perturbations",
         default="none,satm",
@@ -130,14 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--first-order-lr", action="store_true", help="SATM's Eq. 10 lr gradient")
     run.add_argument("--ipc", type=int, default=1, help="images per class")
     run.add_argument("--syn-steps", type=int, default=10, help="inner steps N")
-    run.add_argument("--expert-epochs", type=int, default=2, help="M")
-    run.add_argument("--max-start-epoch", type=int, default=4)
+    run.add_argument(
+        "--expert-epochs", type=int, default=2, help="M: expert epochs the student must match"
+    )
+    run.add_argument(
+        "--max-start-epoch",
+        type=int,
+        default=4,
+        help="start epochs t are drawn from [0, max-start-epoch)",
+    )
     run.add_argument(
         "--iterations", type=int, default=100, help="outer steps (raise it to extend a run)"
     )
     run.add_argument("--lr-img", type=float, default=10.0, help="outer lr of the images")
     run.add_argument("--lr-lr", type=float, default=1e-6, help="outer lr of syn_lr")
-    run.add_argument("--lr-teacher", type=float, default=0.01)
+    run.add_argument(
+        "--lr-teacher", type=float, default=0.01, help="experts' lr and the initial syn_lr"
+    )
     run.add_argument("--threshold", type=float, default=1.0, help="DATM's gate")
     run.add_argument("--ema-decay", type=float, default=0.98, help="FTD's image average")
     run.add_argument("--no-dsa", action="store_true", help="switch augmentation off")
@@ -153,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="ConvNet,MLP",
         help="architectures to evaluate on (the first is the distillation one)",
     )
-    ev.add_argument("--eval-seeds", default="0,1,2")
-    ev.add_argument("--eval-epochs", type=int, default=300)
+    ev.add_argument(
+        "--eval-seeds", default="0,1,2", help="comma-separated seeds of the evaluation networks"
+    )
+    ev.add_argument(
+        "--eval-epochs", type=int, default=300, help="epochs to train each evaluation network"
+    )
     ev.add_argument(
         "--out", default=None, help="output folder (default runs/<dataset>-<method>-ipc<k>)"
     )
@@ -163,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over: retrain the experts in <out>/experts and ignore checkpoints",
     )
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument(
+        "--seed", type=int, default=0, help="seeds the experts, the initial images and the run"
+    )
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index>")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -475,6 +510,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         runs[label] = {
             "config": dataclasses.asdict(result.config),
+            "resolved": result.config.resolved(),
             "syn_lr": result.syn_lr,
             "distill_seconds": result.seconds,
             "diagnostics": result.diagnostics.as_dict(),

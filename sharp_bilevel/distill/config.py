@@ -102,6 +102,29 @@ class DistillConfig:
         rho = None if name in ("none", "mtt", "plain") else self.rho
         return {"perturbation": name, "rho": rho, "smooth": self.smooth}
 
+    def resolved(self) -> dict[str, Any]:
+        """What actually runs, defaults filled in: the rule and its hyperparameters, the
+        smoothing ``gamma``, and the unroll (``keep_steps``, ``iota``, ``tau``, lr gradient)."""
+        kwargs = self.rule_kwargs()
+        rule = get_perturbation(kwargs["perturbation"], **_rule_hyperparameters(self))
+        smooth = rule.default_smooth if kwargs["smooth"] is None else kwargs["smooth"]
+        settings = self.unroll_settings()
+        iota, tau = settings.resolve(self.syn_steps)
+        names: list[str] = []
+        if dataclasses.is_dataclass(rule):
+            names = [f.name for f in dataclasses.fields(rule)]
+        hyper: dict[str, Any] = {name: getattr(rule, name) for name in names}
+        return {
+            "rule": type(rule).__name__,
+            "perturbation": kwargs["perturbation"],
+            **hyper,
+            "smooth": smooth,
+            "keep_steps": self.syn_steps - iota,
+            "iota": iota,
+            "tau": tau,
+            "lr_gradient": settings.lr_gradient,
+        }
+
     def start_epoch_window(self) -> tuple[int, int, int]:
         """DATM's ``(min_start_epoch, current_max_start_epoch, max_start_epoch)``, clipped."""
         low, high = self.min_start_epoch, self.max_start_epoch
@@ -146,7 +169,9 @@ def validate_config(config: DistillConfig) -> None:
     try:
         get_perturbation(config.rule_kwargs()["perturbation"], **_rule_hyperparameters(config))
     except (ValueError, TypeError) as err:
-        raise ConfigError("perturbation", f"{config.perturbation!r}: {err}") from err
+        raise ConfigError(
+            "perturbation", f"{config.perturbation!r}: {err} (or 'satm', SATM's preset)"
+        ) from err
     if not isinstance(config.reuse, bool):
         check_int("reuse", config.reuse, 0)
     try:

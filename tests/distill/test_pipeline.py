@@ -148,6 +148,14 @@ def test_main_job_writes_every_output_and_compares_the_runs(
             assert len(r["accuracies"]) == 2
             assert 0.0 <= r["mean"] <= 1.0
     assert report["runs"]["mtt-satm"]["config"]["perturbation"] == "satm"
+    satm = report["runs"]["mtt-satm"]["resolved"]  # what ran, not the unset fields
+    syn_steps = 2
+    keep = max(1, syn_steps // 3)
+    assert (satm["perturbation"], satm["smooth"], satm["rho"]) == ("ssam", 0.01, 0.05)
+    assert (satm["keep_steps"], satm["iota"], satm["tau"]) == (keep, syn_steps - keep, 1)
+    assert satm["lr_gradient"] == "first_order"
+    plain = report["runs"]["mtt-none"]["resolved"]
+    assert (plain["keep_steps"], plain["iota"], plain["tau"]) == (syn_steps, 0, None)
     for name in ("mtt-none", "mtt-satm"):
         saved = torch.load(out / name / "synthetic.pt")
         assert saved["images"].shape == (10, 1, 8, 8)
