@@ -43,7 +43,7 @@ from ..distill.expert_store import (
 )
 from ..distill.experts import Expert, train_expert
 from ..distill.pipeline import DistillResult, ResumeError, check_checkpoint, distill
-from ..distill.report import save_curves, save_image_grid, write_json
+from ..distill.report import save_accuracy_chart, save_class_grid, save_curves, write_json
 from ..distill.sharding import Launch, launch_from_environment
 from ..distill.validation import ConfigError
 from ..optim.errors import NonFiniteError
@@ -335,13 +335,18 @@ def _evaluate(
     )
 
 
-def _save_run(result: DistillResult, folder: Path, columns: int) -> None:
+def _save_run(result: DistillResult, folder: Path) -> None:
     save_synthetic(
         folder / "synthetic.pt", result.images, result.labels, result.syn_lr, result.ema_images
     )
-    save_image_grid(result.images, folder / "images.png", columns)
+    panels = {"initial": result.initial_images, "distilled": result.images}
     if result.ema_images is not None:
-        save_image_grid(result.ema_images, folder / "ema_images.png", columns)
+        panels["EMA of the images"] = result.ema_images
+    save_class_grid(
+        {k: v for k, v in panels.items() if v is not None},
+        result.config.ipc,
+        folder / "images.png",
+    )
 
 
 def _row(name: str, results: dict[str, EvalResult]) -> str:
@@ -474,7 +479,7 @@ def _run(args: argparse.Namespace) -> int:
         folder = out / config.label
         result = _distill_one(args, config, split, experts, experts_id, folder, group)
         if launch.is_main:
-            _save_run(result, folder, columns=max(args.ipc, train.num_classes))
+            _save_run(result, folder)
         results[config.label] = result
     if launch.world_size > 1:
         dist.destroy_process_group()  # evaluation is rank 0's alone
@@ -482,6 +487,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     evaluations: dict[str, dict[str, EvalResult]] = {}
+    first = next(iter(results.values()))
+    rows = 2 + sum(1 + (r.ema_images is not None) for r in results.values())
+    bar = tqdm(total=rows, desc="evaluate", disable=args.quiet)
     evaluations["random real"] = random_real_baseline(
         train.images,
         train.labels,
@@ -499,15 +507,24 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         subset_seed=args.seed,
     )
+    bar.update(1)
+    if first.initial_images is not None and first.initial_labels is not None:
+        evaluations["initial images"] = _evaluate(
+            args, split, first.initial_images, first.initial_labels, args.lr_teacher,
+            first.soft_labels,
+        )  # fmt: skip
+    bar.update(1)
     runs: dict[str, dict[str, Any]] = {}
     for label, result in results.items():
         evaluations[label] = _evaluate(
             args, split, result.images, result.labels, result.syn_lr, result.soft_labels
         )
+        bar.update(1)
         if result.ema_images is not None:
             evaluations[f"{label} (EMA)"] = _evaluate(
                 args, split, result.ema_images, result.labels, result.syn_lr, result.soft_labels
             )
+            bar.update(1)
         runs[label] = {
             "config": dataclasses.asdict(result.config),
             "resolved": result.config.resolved(),
@@ -517,7 +534,12 @@ def _run(args: argparse.Namespace) -> int:
             "warnings": result.diagnostics.problems(),
             "history": result.history,
         }
+    bar.close()
     save_curves({label: r.history for label, r in results.items()}, out / "curves.png")
+    save_accuracy_chart(
+        {k: {a: (r.mean, r.std) for a, r in v.items()} for k, v in evaluations.items()},
+        out / "accuracy.png",
+    )
     header = "".join(f"{arch:>18}" for arch in _csv(args.eval_models))
     print(f"\ntest accuracy % (mean ± std over seeds {args.eval_seeds})\n{'':<22}{header}")
     for name, scores in evaluations.items():
@@ -552,7 +574,7 @@ def _run(args: argparse.Namespace) -> int:
         out / "report.json",
     )
     print(
-        f"\nwrote {out}/report.json, curves.png and one folder per run "
+        f"\nwrote {out}/report.json, curves.png, accuracy.png and one folder per run "
         f"({time.perf_counter() - began:.0f} s)"
     )
     return 0

@@ -54,7 +54,8 @@ Expert = Sequence[Sequence[Tensor]]
 
 @dataclass
 class DistillResult:
-    """What a run produced: the synthetic set, its learned lr and the per-iteration history."""
+    """What a run produced: the synthetic set, its learned lr, the per-iteration history and the
+    set it started from (``initial_images``/``initial_labels``)."""
 
     config: DistillConfig
     images: Tensor
@@ -64,6 +65,8 @@ class DistillResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     diagnostics: RunDiagnostics = field(default_factory=RunDiagnostics)
+    initial_images: Tensor | None = None
+    initial_labels: Tensor | None = None
 
     @property
     def soft_labels(self) -> bool:
@@ -229,6 +232,7 @@ def distill(
         config, train_images, train_labels, num_classes, experts, student, generator
     )
     initial_norm = float(images.norm())
+    initial_images, initial_labels = images.detach().cpu().clone(), labels.detach().cpu().clone()
     shard = None if process_group is None else Shard.current(len(images), process_group)
     is_main = process_group is None or dist.get_rank(group=process_group) == 0
     if shard is not None:
@@ -406,4 +410,6 @@ def distill(
         history=history,
         seconds=seconds,
         diagnostics=diagnostics,
+        initial_images=initial_images,
+        initial_labels=initial_labels,
     )

@@ -32,17 +32,22 @@ def image_grid(images: Tensor, columns: int) -> Tensor:
     return grid.permute(1, 2, 0)
 
 
+def _upscaled(grid: Tensor, height: int, least: int = 64) -> Tensor:
+    """Enlarge a grid by the integer factor that makes one image at least ``least`` pixels tall
+    (nearest neighbour: pixels stay square and sharp)."""
+    scale = max(1, math.ceil(least / height))
+    return grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)
+
+
 def save_image_grid(images: Tensor, path: str | Path, columns: int) -> Path:
-    """Write :func:`image_grid` as a PNG (grey for one channel)."""
+    """Write :func:`image_grid` as a PNG (grey for one channel), each image enlarged to at
+    least 64 pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    # Small images (8x8 digits) are enlarged by an integer factor, pixels kept square and sharp.
-    scale = max(1, 48 // int(images.shape[-1]))
-    tiles = image_grid(images, columns).repeat_interleave(scale, dim=0)
-    grid = tiles.repeat_interleave(scale, dim=1).numpy()
+    grid = _upscaled(image_grid(images, columns), int(images.shape[-2])).numpy()
     path = Path(path)
     if grid.shape[2] == 1:
         plt.imsave(path, grid[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
@@ -51,9 +56,106 @@ def save_image_grid(images: Tensor, path: str | Path, columns: int) -> Path:
     return path
 
 
+def save_class_grid(
+    panels: Mapping[str, Tensor],
+    per_class: int,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Side-by-side grids (e.g. ``{"initial": x0, "distilled": x}``), one row per class.
+
+    Each tensor is a class-major synthetic set ``[classes * per_class, C, H, W]`` (rows
+    ``c * per_class ... (c + 1) * per_class - 1`` are class ``c``, MTT's layout); each image is
+    scaled to its own range and enlarged to at least 64 pixels, and every row is labelled.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    first = next(iter(panels.values()))
+    n, channels, height, _ = first.shape
+    classes = n // per_class
+    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(classes)]
+    grids = {k: _upscaled(image_grid(v, per_class), height).numpy() for k, v in panels.items()}
+    rows, cols = next(iter(grids.values())).shape[:2]
+    dpi = 100
+    fig, axes = plt.subplots(
+        1,
+        len(grids),
+        figsize=(len(grids) * (cols / dpi + 0.4) + 0.9, rows / dpi + 0.6),
+        dpi=dpi,
+        squeeze=False,
+    )
+    scale = rows / (classes * (height + 1) + 1)
+    centres = [scale * (1 + c * (height + 1) + height / 2) for c in range(classes)]
+    for k, (ax, (title, grid)) in enumerate(zip(axes[0], grids.items(), strict=True)):
+        if channels == 1:
+            ax.imshow(grid[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(grid, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks(centres, names if k == 0 else [""] * classes, fontsize=8)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def save_accuracy_chart(
+    accuracy: Mapping[str, Mapping[str, tuple[float, float]]],
+    path: str | Path,
+    references: Sequence[str] = ("random real", "initial images"),
+) -> Path:
+    """Bars of mean test accuracy with one-std error bars, per run (x) and architecture
+    (colour); the ``references`` rows are drawn as dashed lines per architecture instead.
+
+    ``accuracy[run][architecture] = (mean, std)``, in ``[0, 1]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = [r for r in accuracy if r not in references]
+    archs = list(next(iter(accuracy.values())))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.8 / max(1, len(archs))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2.5), 3.8), dpi=110)
+    for a, arch in enumerate(archs):
+        xs = [i + (a - (len(archs) - 1) / 2) * width for i in range(len(runs))]
+        means = [100 * accuracy[r][arch][0] for r in runs]
+        stds = [100 * accuracy[r][arch][1] for r in runs]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=arch, color=colours[a % 10])
+        for ref, style in zip(references, ("--", ":"), strict=False):
+            if ref in accuracy:
+                ax.axhline(
+                    100 * accuracy[ref][arch][0],
+                    color=colours[a % 10],
+                    linestyle=style,
+                    linewidth=1,
+                    label=f"{ref} ({arch})",
+                )
+    ax.set_xticks(range(len(runs)), runs, rotation=20, ha="right", fontsize=9)
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("distilled sets (bars: mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def save_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
-    """Plot the outer loss, the hypergradient norm ``||g||`` and the sharpness
-    ``F(phi + eps) - F(phi)`` against the outer iteration, one line per run (SATM's Figure 2)."""
+    """Plot the outer loss, the hypergradient norm ``||g||``, the sharpness
+    ``F(phi + eps) - F(phi)`` (SATM's Figure 2) and the learned ``syn_lr`` against the outer
+    iteration, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +165,9 @@ def save_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: st
         ("loss", "outer loss F(phi)"),
         ("grad_norm", "hypergradient norm"),
         ("sharpness", "sharpness F(phi+eps) - F(phi)"),
+        ("syn_lr", "learned inner lr syn_lr"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes, panels, strict=True):
         for k, (label, history) in enumerate(histories.items()):

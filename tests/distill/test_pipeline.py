@@ -138,10 +138,10 @@ def test_main_job_writes_every_output_and_compares_the_runs(
     ]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    for row in ("random real", "mtt-none", "mtt-satm"):
+    for row in ("random real", "initial images", "mtt-none", "mtt-satm"):
         assert row in text
     report = json.loads((out / "report.json").read_text())
-    assert set(report["accuracy"]) == {"random real", "mtt-none", "mtt-satm"}
+    assert set(report["accuracy"]) == {"random real", "initial images", "mtt-none", "mtt-satm"}
     for results in report["accuracy"].values():
         assert set(results) == {"ConvNet", "MLP"}
         for r in results.values():
@@ -161,6 +161,8 @@ def test_main_job_writes_every_output_and_compares_the_runs(
         assert saved["images"].shape == (10, 1, 8, 8)
         assert (out / name / "images.png").stat().st_size > 0
     assert (out / "curves.png").stat().st_size > 0
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert "initial images" in report["accuracy"]
     assert sorted(p.name for p in (out / "experts").iterdir()) == [
         "manifest.json",
         "replay_buffer_0.pt",

@@ -34,3 +34,29 @@ def test_png_files_and_json_with_nan(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     write_json({"x": [1.0, math.nan], "y": {"z": math.inf}}, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == {"x": [1.0, None], "y": {"z": None}}
+
+
+def test_class_grid_has_a_labelled_row_per_class_and_large_images(tmp_path: Path) -> None:
+    from matplotlib import image as mpimg
+
+    from sharp_bilevel.distill.report import save_class_grid
+
+    initial, final = torch.randn(10 * 2, 1, 8, 8), torch.randn(10 * 2, 1, 8, 8)
+    path = save_class_grid({"initial": initial, "distilled": final}, 2, tmp_path / "g.png")
+    height, width = mpimg.imread(path).shape[:2]
+    assert height >= 10 * 64  # ten rows of images at least 64 pixels tall
+    assert width >= 2 * 2 * 64  # two panels of two images each
+
+
+def test_accuracy_chart_and_curves_with_syn_lr(tmp_path: Path) -> None:
+    from sharp_bilevel.distill.report import save_accuracy_chart
+
+    accuracy = {
+        "random real": {"ConvNet": (0.5, 0.02)},
+        "initial images": {"ConvNet": (0.55, 0.01)},
+        "mtt-none": {"ConvNet": (0.6, 0.03)},
+    }
+    chart = save_accuracy_chart(accuracy, tmp_path / "a.png")
+    curves = save_curves({"a": {"loss": [1.0], "syn_lr": [0.01, 0.009]}}, tmp_path / "c.png")
+    for path in (chart, curves):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
