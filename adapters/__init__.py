@@ -2,10 +2,10 @@
 
 Installed as the subpackage ``sharp_bilevel.adapters`` (never a top-level ``adapters`` import):
 
-* :mod:`sharp_bilevel.adapters.mtt`: ``make_closure`` for an MTT fork's update block;
-* :mod:`sharp_bilevel.adapters.ftd`: the same closure and ``ImageEMA`` (attached as a post-step
+* `sharp_bilevel.adapters.mtt`: ``make_closure`` for an MTT fork's update block;
+* `sharp_bilevel.adapters.ftd`: the same closure and ``ImageEMA`` (attached as a post-step
   hook, so it only ever sees restored images);
-* :mod:`sharp_bilevel.adapters.datm`: soft-label logits, ``StartEpochWindow`` and the
+* `sharp_bilevel.adapters.datm`: soft-label logits, ``StartEpochWindow`` and the
   threshold ``gate``.
 """
 

@@ -4,10 +4,10 @@ DATM is MTT plus three things, each a piece here:
 
 * learnable soft labels stored as logits (targets ``softmax(logits)``, soft cross-entropy in the
   unroll), initialised from expert predictions on the synthetic images
-  (:func:`soft_label_logits`), stepped by their own base-optimizer group and never perturbed;
+  (`soft_label_logits`), stepped by their own base-optimizer group and never perturbed;
 * a start-epoch window ``[min_start_epoch, upper)`` whose upper end ramps linearly from
   ``current_max_start_epoch`` to ``max_start_epoch`` over ``expansion_end_epoch`` iterations
-  (:class:`StartEpochWindow`);
+  (`StartEpochWindow`);
 * a gate: the step is skipped when the unperturbed loss exceeds ``threshold``
   (``optimizer.step(closure, skip_if=gate(threshold))``); nothing perturbed is left behind.
 """

@@ -2,7 +2,7 @@
 
 FTD's outer loop is MTT's with ``e <- d e + (1 - d) phi`` after every step (decay 0.999 by
 default, 0.9995 in its scripts); its flatness comes from experts trained with GSAM
-(:func:`sharp_bilevel.distill.experts.train_expert` with ``optimizer="gsam"``). Attach the
+(`sharp_bilevel.distill.experts.train_expert` with ``optimizer="gsam"``). Attach the
 average to the optimizer so it always sees the restored, post-step images::
 
     ema = ftd.ImageEMA(image_syn, decay=args.ema_decay).attach(optimizer)
@@ -61,7 +61,7 @@ class ImageEMA:
         return {"average": self.average.clone(), "decay": self.decay, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore `state_dict`."""
         self.average.copy_(state["average"])
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])

@@ -2,15 +2,15 @@
 
 The public entry points:
 
-* :class:`SharpBilevelOptimizer`: a ``torch.optim.Optimizer`` that wraps any base optimizer and
+* `SharpBilevelOptimizer`: a ``torch.optim.Optimizer`` that wraps any base optimizer and
   any outer objective (a closure) with a perturbation rule;
-* :func:`register_perturbation`, :func:`available_perturbations`, :func:`get_perturbation`: the
+* `register_perturbation`, `available_perturbations`, `get_perturbation`: the
   rule registry (``"none"``, ``"sam"``, ``"asam"``, ``"gsam"``, ``"vasso"``, ``"ssam"``, yours);
-* :class:`StepContext`: what a one-argument closure receives;
-* :class:`TrajectoryMatching`, :class:`UnrollSettings`, :func:`satm_optimizer`: MTT-style
+* `StepContext`: what a one-argument closure receives;
+* `TrajectoryMatching`, `UnrollSettings`, `satm_optimizer`: MTT-style
   trajectory matching with TUH, TR and first-order lr learning;
-* :func:`get_network`, :class:`FunctionalStudent`, :class:`StepPlan`, :class:`DSA`,
-  :class:`ZCA`: the pieces a distillation loop is built from.
+* `get_network`, `FunctionalStudent`, `StepPlan`, `DSA`,
+  `ZCA`: the pieces a distillation loop is built from.
 """
 
 from .distill.networks import available_networks, get_network

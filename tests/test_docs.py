@@ -117,6 +117,17 @@ def test_site_builds_strictly_and_fetches_nothing_at_view_time(site: Path) -> No
         assert "fonts.googleapis" not in text
 
 
+def test_the_site_typesets_maths_and_shows_no_raw_markup(site: Path) -> None:
+    raw = re.compile(r"\.\. math::|:(?:meth|func|class|mod|attr|data):`|\\\(|\\\[")
+    for page in site.rglob("*.html"):
+        text = page.read_text(errors="replace")
+        text = re.sub(r"<(pre|code)\b.*?</\1>", "", text, flags=re.S)  # code may show anything
+        found = raw.search(text)
+        assert found is None, f"{page.relative_to(site)} shows raw markup {found.group(0)!r}"
+    for name in ("rules.html", "api.html", "distributed.html"):
+        assert (site / name).read_text().count("<math") >= 3, f"{name} has no typeset maths"
+
+
 def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_path: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

@@ -1,7 +1,7 @@
 """The command line's checks of its own flags, all run before any expert is trained.
 
-Each raises :class:`~sharp_bilevel.distill.validation.ConfigError` with the setting's name; the
-command line prints it as ``argument --flag: ...`` (:func:`flag_for` turns names into flags) and
+Each raises `ConfigError` with the setting's name; the
+command line prints it as ``argument --flag: ...`` (`flag_for` turns names into flags) and
 exits with status 2. The settings of each distillation run are checked by ``DistillConfig`` itself.
 """
 

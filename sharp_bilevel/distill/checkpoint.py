@@ -1,10 +1,10 @@
 """Files a run writes and reads: written atomically, read as data only.
 
-* Writing: :func:`atomic_write` (and :func:`atomic_save`, :func:`atomic_write_text` on top of
+* Writing: `atomic_write` (and `atomic_save`, `atomic_write_text` on top of
   it) writes to a temporary file beside the target, fsyncs and moves it into place, so a run
   killed mid-write leaves the previous complete file, never a torn one. Temporaries a killed
-  writer left behind are removed by :func:`remove_stale_temporaries` on the next start.
-* Reading: :func:`load_data` is ``torch.load(..., weights_only=True)``: tensors, numbers,
+  writer left behind are removed by `remove_stale_temporaries` on the next start.
+* Reading: `load_data` is ``torch.load(..., weights_only=True)``: tensors, numbers,
   strings and plain containers only. A pickle that would import or call anything (a planted
   payload, a foreign object) is refused with a ``ValueError`` and nothing in it runs. Every
   file sharp_bilevel reads goes through it: checkpoints, ``synthetic.pt``, replay buffers,
@@ -53,12 +53,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    """``torch.save(obj)`` to ``path`` through `atomic_write`."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write UTF-8 ``text`` to ``path`` through :func:`atomic_write`."""
+    """Write UTF-8 ``text`` to ``path`` through `atomic_write`."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
@@ -119,7 +119,7 @@ def load_data(path: str | Path, what: str = "torch file") -> Any:
 
 
 def load_checkpoint(path: str | Path) -> Any:
-    """Load a checkpoint written by :func:`atomic_save` (data only, see :func:`load_data`)."""
+    """Load a checkpoint written by `atomic_save` (data only, see `load_data`)."""
     return load_data(path, "sharp_bilevel checkpoint")
 
 
@@ -150,7 +150,7 @@ def save_synthetic(
 
 
 def load_synthetic(path: str | Path) -> dict[str, Any]:
-    """Read a ``synthetic.pt`` written by :func:`save_synthetic` (data only).
+    """Read a ``synthetic.pt`` written by `save_synthetic` (data only).
 
     Raises:
         ValueError: unreadable, code-carrying, or not the expected keys and types.

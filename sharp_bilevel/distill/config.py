@@ -47,7 +47,7 @@ class DistillConfig:
     (counted in the run's diagnostics) instead of stopping the run.
 
     Every field is checked when the config is built: a bad value raises
-    :class:`~sharp_bilevel.distill.validation.ConfigError` naming the field and what it allows.
+    `ConfigError` naming the field and what it allows.
     """
 
     method: str = "mtt"
@@ -94,7 +94,7 @@ class DistillConfig:
         return UnrollSettings(keep=self.keep, reuse=self.reuse, lr_gradient=self.lr_gradient)
 
     def rule_kwargs(self) -> dict[str, Any]:
-        """``perturbation``/``rho``/``smooth`` for :class:`SharpBilevelOptimizer`."""
+        """``perturbation``/``rho``/``smooth`` for `SharpBilevelOptimizer`."""
         name = self.perturbation.lower()
         if name == "satm":
             gamma = 0.01 if self.smooth is None else self.smooth
@@ -137,7 +137,7 @@ class DistillConfig:
 
 
 def validate_config(config: DistillConfig) -> None:
-    """Check every field of ``config``; raise :class:`ConfigError` naming the first bad one."""
+    """Check every field of ``config``; raise `ConfigError` naming the first bad one."""
     check_choice("method", config.method, METHODS)
     check_choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
     check_choice("lr_gradient", config.lr_gradient, LR_GRADIENTS)

@@ -1,16 +1,16 @@
 """Real image data for distillation: in-memory data sets and readers for the standard formats.
 
-Every loader returns a :class:`DatasetSplit` of two :class:`ImageDataset` (``images`` float32
+Every loader returns a `DatasetSplit` of two `ImageDataset` (``images`` float32
 ``[n, C, H, W]``, ``labels`` int64 ``[n]``). Pixels are scaled to ``[0, 1]`` and then, unless
 ``normalize=False``, normalised per channel with the *train* set's mean and standard deviation
 (the same statistics applied to both splits, kept in ``split.mean`` / ``split.std``).
 
-* :func:`load_digits`: scikit-learn's bundled 8x8x1 digits (1797 images), split by seed.
-* :func:`load_fashion_mnist`: the IDX files of Fashion-MNIST (:func:`read_idx` parses IDX).
-* :func:`load_cifar10`, :func:`load_cifar100`: the "python version" pickle batches.
-* :func:`from_tensors`: the user's own tensors.
-* :func:`load_dataset`: any of the above by name.
-* :func:`sample_per_class`: class-balanced real images (MTT's ``pix_init="real"``).
+* `load_digits`: scikit-learn's bundled 8x8x1 digits (1797 images), split by seed.
+* `load_fashion_mnist`: the IDX files of Fashion-MNIST (`read_idx` parses IDX).
+* `load_cifar10`, `load_cifar100`: the "python version" pickle batches.
+* `from_tensors`: the user's own tensors.
+* `load_dataset`: any of the above by name.
+* `sample_per_class`: class-balanced real images (MTT's ``pix_init="real"``).
 
 No torchvision: the readers parse the on-disk formats themselves.
 """
@@ -49,7 +49,7 @@ __all__ = [
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-#: The names :func:`load_dataset` knows.
+#: The names `load_dataset` knows.
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class ImageDataset:
 
 @dataclass(eq=False)
 class DatasetSplit:
-    """A train and a test :class:`ImageDataset` with the same image shape and classes.
+    """A train and a test `ImageDataset` with the same image shape and classes.
 
     Attributes:
         train: the training images (experts and distillation draw from these).
@@ -590,7 +590,7 @@ def load_cifar100(
     """CIFAR-100, python version: 50000/10000 images ``[3, 32, 32]``, 100 (fine) classes.
 
     ``root`` holds ``train`` and ``test`` (or the folder ``cifar-100-python`` with them), each
-    a pickled dict with ``b"data"`` (as in :func:`load_cifar10`) and ``b"fine_labels"``.
+    a pickled dict with ``b"data"`` (as in `load_cifar10`) and ``b"fine_labels"``.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -648,7 +648,7 @@ def from_tensors(
     num_classes: int | None = None,
     normalize: bool = False,
 ) -> DatasetSplit:
-    """A :class:`DatasetSplit` from your own tensors.
+    """A `DatasetSplit` from your own tensors.
 
     Args:
         train_images: ``[n, C, H, W]`` (or ``[n, H, W]`` for one channel), floating point (cast
@@ -692,7 +692,7 @@ def load_dataset(name: str, root: str | Path | None = None, **kw: Any) -> Datase
 
     Case, ``-`` and ``_`` are ignored (``"FashionMNIST"``, ``"CIFAR10"`` work). ``root`` is the
     folder of the files (digits take none; Fashion-MNIST defaults to
-    :data:`DEFAULT_FASHION_MNIST_ROOT`; CIFAR needs one). ``kw`` go to the loader.
+    `DEFAULT_FASHION_MNIST_ROOT`; CIFAR needs one). ``kw`` go to the loader.
 
     Raises:
         ValueError: an unknown name (the message lists the known ones), or a missing ``root``.

@@ -1,8 +1,8 @@
 """Signs that a distillation run is doing nothing useful, counted per run and warned about once.
 
 A run can go on for hours while its inner lr sits at the clamp, DATM's gate skips almost every
-step, or the images blow up; none of these raises. :class:`RunDiagnostics` counts them, and
-:meth:`RunDiagnostics.warn` emits one :class:`DistillationWarning` per kind, with the count, at
+step, or the images blow up; none of these raises. `RunDiagnostics` counts them, and
+`RunDiagnostics.warn` emits one `DistillationWarning` per kind, with the count, at
 the end of the run. The counts land in ``report.json``.
 """
 
@@ -31,7 +31,7 @@ class RunDiagnostics:
 
     Attributes:
         iterations: outer iterations run.
-        lr_clamped: iterations after which ``syn_lr`` was raised to :data:`LR_FLOOR`.
+        lr_clamped: iterations after which ``syn_lr`` was raised to `LR_FLOOR`.
         gate_skipped: steps skipped by DATM's gate (``loss > threshold``).
         nonfinite_skipped: steps skipped for a NaN/inf loss or hypergradient (``nonfinite="skip"``).
         initial_image_norm: ``||images||_2`` at iteration 0.
@@ -83,7 +83,7 @@ class RunDiagnostics:
         return out
 
     def warn(self, label: str) -> None:
-        """Emit one :class:`DistillationWarning` per problem, prefixed by the run's label."""
+        """Emit one `DistillationWarning` per problem, prefixed by the run's label."""
         for problem in self.problems():
             warnings.warn(f"{label}: {problem}", DistillationWarning, stacklevel=3)
 

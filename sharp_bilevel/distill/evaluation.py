@@ -2,11 +2,11 @@
 
 The protocol of MTT's ``evaluate_synset`` (FTD and DATM reuse it):
 
-* a fresh network per run (here :func:`~sharp_bilevel.distill.networks.get_network` with a seed);
+* a fresh network per run (here `get_network` with a seed);
 * SGD (momentum 0.9, weight decay 5e-4) at ``lr`` = the learned ``syn_lr``, on minibatches of
   256 shuffled synthetic images, each batch augmented with DSA;
 * one drop of the lr to ``0.1 lr`` half-way, with a fresh SGD (momentum buffers reset), as MTT
-  re-creates its optimizer (exact point in :func:`train_on_synthetic`);
+  re-creates its optimizer (exact point in `train_on_synthetic`);
 * hard-label cross-entropy or, for DATM's learnable soft labels (logits ``Y``, ``[n, classes]``),
   the soft cross-entropy ``L = -(1/B) sum_b sum_k softmax(Y_b)_k log softmax(f(x_b))_k``;
 * one test at the end; mean and population std over the runs (MTT's ``np.std``).
@@ -440,9 +440,9 @@ def evaluate_synthetic(
     """Train a fresh network per architecture and seed on the synthetic set; test each.
 
     For every ``arch`` and ``s``: ``get_network(arch, channels, num_classes, image_size,
-    seed=s, width=width, device=device)``, then :func:`train_on_synthetic` with a CPU generator
+    seed=s, width=width, device=device)``, then `train_on_synthetic` with a CPU generator
     seeded from ``s`` (a seed derived from ``s``, not ``s`` itself, so its draws differ from the
-    initialisation's), then :func:`accuracy` on ``(test_images, test_labels)``. Same inputs and
+    initialisation's), then `accuracy` on ``(test_images, test_labels)``. Same inputs and
     seed give the same accuracy on the same device; the global RNG is never used.
 
     Args:
@@ -454,10 +454,10 @@ def evaluate_synthetic(
         num_classes: number of classes (the networks' output size).
         channels: image channels (checked against the data).
         image_size: ``(H, W)`` (checked against the data).
-        architectures: names from :func:`~sharp_bilevel.distill.networks.available_networks`;
+        architectures: names from `available_networks`;
             several names give a cross-architecture evaluation.
         seeds: one run per seed (network init, shuffling, DSA).
-        epochs: training epochs, as in :func:`train_on_synthetic`.
+        epochs: training epochs, as in `train_on_synthetic`.
         dsa: augmentation during training (None: off).
         soft_labels: ``labels`` are logits (DATM).
         batch_size: training minibatch size.
@@ -564,16 +564,16 @@ def random_real_baseline(
     device: torch.device | str | None = None,
     subset_seed: int | None = None,
 ) -> dict[str, EvalResult]:
-    """The "random real images" baseline: :func:`evaluate_synthetic` on ``ipc`` reals per class.
+    """The "random real images" baseline: `evaluate_synthetic` on ``ipc`` reals per class.
 
-    Each run draws its subset with :func:`sample_class_balanced` from a generator seeded from
+    Each run draws its subset with `sample_class_balanced` from a generator seeded from
     its seed (so the spread covers both the subset and the initialisation), or, with
     ``subset_seed``, every run uses the one subset drawn from ``subset_seed``. Hard labels;
-    ``lr`` defaults to 0.01 (the experts' lr). Other arguments as in :func:`evaluate_synthetic`.
+    ``lr`` defaults to 0.01 (the experts' lr). Other arguments as in `evaluate_synthetic`.
 
     Raises:
         ValueError: a class of ``train_labels`` with fewer than ``ipc`` images (named), or any
-            error :func:`evaluate_synthetic` raises.
+            error `evaluate_synthetic` raises.
     """
     channels, size, num_classes = _check_shape_args(channels, image_size, num_classes)
     train_images = _check_images("train_images", train_images)

@@ -6,10 +6,10 @@ would silently use fewer. The manifest records the settings the experts were tra
 many there are, and a SHA-256 per file. It is rewritten atomically after every buffer file, so
 it never lists a file that is not complete.
 
-:func:`load_or_train_experts` loads what a folder holds when the settings match, trains only the
+`load_or_train_experts` loads what a folder holds when the settings match, trains only the
 missing experts (expert ``k`` is seeded by its index, so a resumed folder equals an
-uninterrupted one), and refuses with :class:`ExpertSettingsError`, naming each differing setting,
-when the folder was made with other settings. :meth:`ExpertManifest.identity` is the hash a
+uninterrupted one), and refuses with `ExpertSettingsError`, naming each differing setting,
+when the folder was made with other settings. `ExpertManifest.identity` is the hash a
 distillation checkpoint records, so a run never resumes against other experts.
 """
 

@@ -6,9 +6,9 @@ An *expert* is the list of its parameter snapshots, ``expert[e]`` after ``e`` ep
 exactly what MTT's ``buffer.py`` (and FTD's and DATM's) write and what their ``distill.py``
 reads, so files go both ways.
 
-* :func:`train_expert`: one expert with SGD (MTT) or GSAM (FTD), seeded and reproducible.
-* :func:`save_buffers`, :func:`load_buffers`, :func:`load_buffer_file`: the files.
-* :func:`validate_expert`, :func:`expert_params`, :func:`expert_window`: checks and the flat
+* `train_expert`: one expert with SGD (MTT) or GSAM (FTD), seeded and reproducible.
+* `save_buffers`, `load_buffers`, `load_buffer_file`: the files.
+* `validate_expert`, `expert_params`, `expert_window`: checks and the flat
   ``[P]`` vectors the student consumes.
 """
 
@@ -52,7 +52,7 @@ __all__ = [
 
 #: One trajectory: ``expert[epoch][parameter index]``, CPU tensors.
 Expert = list[list[Tensor]]
-#: MTT's augmentation defaults, the default of :func:`train_expert`.
+#: MTT's augmentation defaults, the default of `train_expert`.
 DEFAULT_DSA = DSAParams()
 
 _BUFFER_NAME = re.compile(r"^replay_buffer_(\d+)\.pt$")
@@ -152,7 +152,7 @@ def train_expert(
     takes one optimizer step on the mean cross-entropy. The learning rate is constant.
 
     Args:
-        network: a name for :func:`~sharp_bilevel.distill.networks.get_network` (built for
+        network: a name for `get_network` (built for
             ``data``'s shape and classes with ``seed``), or a zero-argument factory (called with
             the CPU RNG seeded by ``seed`` inside ``fork_rng``).
         data: the (normalised, possibly ZCA-whitened) training images.
@@ -165,7 +165,7 @@ def train_expert(
         weight_decay: SGD weight decay (MTT's ``--l2``, default 0).
         batch_size: MTT's ``batch_train`` (256).
         dsa: augmentation strengths, None for none.
-        optimizer: ``"sgd"`` (MTT) or ``"gsam"`` (FTD's experts: :class:`SharpBilevelOptimizer`
+        optimizer: ``"sgd"`` (MTT) or ``"gsam"`` (FTD's experts: `SharpBilevelOptimizer`
             with ``perturbation="gsam"`` over SGD; batch norm statistics are not updated in its
             second pass).
         rho: GSAM radius (FTD's scripts: 0.01).
@@ -372,7 +372,7 @@ def save_buffers(
     buffer.
 
     Args:
-        experts: ``list[expert]``, see :data:`Expert`.
+        experts: ``list[expert]``, see `Expert`.
         directory: created if missing.
         save_interval: experts per file (MTT/FTD/DATM: 10, TESLA: 1).
         start_index: ``n`` of the first file. Default: one past the highest existing
@@ -423,7 +423,7 @@ def load_buffers(directory: str | Path) -> list[Expert]:
 
     Raises:
         FileNotFoundError: no such folder, or no buffer file in it.
-        ValueError: a malformed file (see :func:`load_buffer_file`).
+        ValueError: a malformed file (see `load_buffer_file`).
     """
     directory = Path(directory)
     if not directory.is_dir():

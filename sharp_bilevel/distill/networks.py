@@ -2,16 +2,16 @@
 
 Every network maps ``[batch, C, H, W] -> [batch, num_classes]`` logits.
 
-* :class:`ConvNet` (and the depth presets :class:`ConvNetD4`, :class:`ConvNetD5`): MTT's student
+* `ConvNet` (and the depth presets `ConvNetD4`, `ConvNetD5`): MTT's student
   and expert network. Its ``parameters()`` come in MTT's order (conv, norm per level, then the
   linear head), so an MTT expert buffer (one tensor per parameter) maps onto it one to one.
   Unlike MTT, the head's input size is exact for every input size (MTT's guess breaks for
   ``1x8x8`` at depth 1 or 2, and for ``3x28x28``).
-* :class:`MLP`, :class:`AlexNet`, :class:`VGG11`, :class:`ResNet18`: the cross-architecture
+* `MLP`, `AlexNet`, `VGG11`, `ResNet18`: the cross-architecture
   networks, with MTT's layer order and default widths, adapted so they also run on 8x8 images
   (a down-sampling step that would leave convolutions running on a map smaller than 2x2 is
   skipped; no parameter count changes).
-* :func:`get_network`: build any of them by name with a seed, without touching the global RNG
+* `get_network`: build any of them by name with a seed, without touching the global RNG
   (MTT's ``get_network`` reseeds it from the wall clock).
 """
 
@@ -147,7 +147,7 @@ class ConvNet(_FixedInputNet):
     ``parameters()`` yields ``conv0.weight, conv0.bias, norm0.weight, norm0.bias, ...,
     classifier.weight, classifier.bias``: MTT's order. With 1-channel inputs the first conv pads
     by 3 (as MTT does, so 28x28 grows to 32x32); every other conv pads by 1. The head's input
-    size is ``width * h * w`` with ``h x w`` the exact final map size (:attr:`feature_shape`).
+    size is ``width * h * w`` with ``h x w`` the exact final map size (`feature_shape`).
 
     Args:
         channels: input channels C.
@@ -155,9 +155,9 @@ class ConvNet(_FixedInputNet):
         image_size: ``(H, W)`` of the inputs.
         width: feature maps per level (MTT: 128).
         depth: number of levels (MTT: 3; ConvNetD4/D5 for 64x64 and larger images).
-        act: one of :data:`ACTIVATIONS`.
-        norm: one of :data:`NORMS`.
-        pool: one of :data:`POOLS`.
+        act: one of `ACTIVATIONS`.
+        norm: one of `NORMS`.
+        pool: one of `POOLS`.
 
     Raises:
         ValueError: on a bad argument, or when the pooling shrinks the map to zero size
@@ -226,7 +226,7 @@ class ConvNet(_FixedInputNet):
 
 
 class ConvNetD4(ConvNet):
-    """:class:`ConvNet` with depth 4 (MTT's choice for 64x64 images such as Tiny ImageNet)."""
+    """`ConvNet` with depth 4 (MTT's choice for 64x64 images such as Tiny ImageNet)."""
 
     def __init__(
         self,
@@ -242,7 +242,7 @@ class ConvNetD4(ConvNet):
 
 
 class ConvNetD5(ConvNet):
-    """:class:`ConvNet` with depth 5 (MTT's choice for 128x128 ImageNet subsets)."""
+    """`ConvNet` with depth 5 (MTT's choice for 128x128 ImageNet subsets)."""
 
     def __init__(
         self,
@@ -303,7 +303,7 @@ def _conv_stack(
     """Convs (``(out_channels, kernel, padding)``, each + norm + ReLU) and max-pools (``None``).
 
     Returns the stack and the exact shape of its output. A pool is left out where
-    :func:`_pool_fits` says the map is too small for it.
+    `_pool_fits` says the map is too small for it.
     """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     h, w = image_size
@@ -553,7 +553,7 @@ _BY_KEY = {name.lower(): name for name in _NETWORKS}
 
 
 def available_networks() -> list[str]:
-    """The names :func:`get_network` accepts (matched case-insensitively)."""
+    """The names `get_network` accepts (matched case-insensitively)."""
     return list(_NETWORKS)
 
 
@@ -576,7 +576,7 @@ def get_network(
     device, and the global RNG state (CPU and accelerators) is the same after the call as before.
 
     Args:
-        name: one of :func:`available_networks`, case-insensitive. ``"ConvNetBN"`` and
+        name: one of `available_networks`, case-insensitive. ``"ConvNetBN"`` and
             ``"ConvNetNoNorm"`` are ConvNet with ``norm="batchnorm"`` / ``"none"``.
         channels: input channels C.
         num_classes: number of logits.
@@ -585,7 +585,7 @@ def get_network(
         width: overrides the network's default width (ConvNet and MLP: 128; AlexNet: 128;
             VGG11 and ResNet18: 64).
         depth: ConvNet levels (ConvNet, ConvNetBN, ConvNetNoNorm only; default 3).
-        norm: overrides the default normalisation, one of :data:`NORMS` (not for MLP,
+        norm: overrides the default normalisation, one of `NORMS` (not for MLP,
             ConvNetBN, ConvNetNoNorm).
         device: where the returned module lives (default CPU).
 

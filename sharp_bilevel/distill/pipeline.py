@@ -2,7 +2,7 @@
 
 One outer iteration: pick an expert and a start epoch ``t`` (uniform in ``[0, max_start_epoch)``;
 DATM's ramping window), build the
-:class:`~sharp_bilevel.trajectory.matching.TrajectoryMatching` closure for
+`TrajectoryMatching` closure for
 ``(w*_t, w*_{t+M})``, take one ``SharpBilevelOptimizer`` step (DATM: gated by ``threshold``),
 update FTD's image average. Every random choice comes from one generator whose
 state is checkpointed with everything else, so a resumed run continues bit-identically.
@@ -183,7 +183,7 @@ def distill(
 ) -> DistillResult:
     """Distil ``config.ipc`` images per class by trajectory matching against ``experts``.
 
-    At the end, one :class:`~sharp_bilevel.distill.diagnostics.DistillationWarning` per kind of
+    At the end, one `DistillationWarning` per kind of
     trouble seen (``syn_lr`` at its floor, DATM's gate skipping most steps, skipped non-finite
     steps, exploding images) says how often it happened; the counts are in
     ``result.diagnostics``.
@@ -204,7 +204,7 @@ def distill(
             manifest's identity); by default a SHA-256 of the experts' values.
         process_group: shard the synthetic set over the ranks of this ``torch.distributed``
             group (every rank calls ``distill`` with the same arguments). Each rank keeps the
-            rows :meth:`Shard.even <sharp_bilevel.trajectory.sharded.Shard.even>` gives it, every
+            rows `Shard.even <sharp_bilevel.trajectory.sharded.Shard.even>` gives it, every
             outer step equals the single-process step up to float summation order, rank 0 writes
             the checkpoint (whole tensors, resumable under any number of ranks) and every rank
             returns the whole set.

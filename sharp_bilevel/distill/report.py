@@ -40,7 +40,7 @@ def _upscaled(grid: Tensor, height: int, least: int = 64) -> Tensor:
 
 
 def save_image_grid(images: Tensor, path: str | Path, columns: int) -> Path:
-    """Write :func:`image_grid` as a PNG (grey for one channel), each image enlarged to at
+    """Write `image_grid` as a PNG (grey for one channel), each image enlarged to at
     least 64 pixels."""
     import matplotlib
 

@@ -1,7 +1,7 @@
 """The pipeline over several processes: launch, and whole tensors from every rank's rows.
 
 Under ``torchrun`` each rank owns the rows that
-:meth:`Shard.even <sharp_bilevel.trajectory.sharded.Shard.even>` gives it of the synthetic set
+`Shard.even <sharp_bilevel.trajectory.sharded.Shard.even>` gives it of the synthetic set
 (and of everything aligned with it: labels, momentum buffers, VaSSO's average, FTD's image
 average). Checkpoints hold the *whole* tensors, gathered here, so
 a run written under ``W`` ranks resumes under any number of ranks (each slices its rows back).
@@ -111,7 +111,7 @@ def gather_optimizer_state(
 
 
 def slice_optimizer_state(state: dict[str, Any], sharded: set[int], shard: Shard) -> dict[str, Any]:
-    """The inverse of :func:`gather_optimizer_state`: this rank's rows of a whole state."""
+    """The inverse of `gather_optimizer_state`: this rank's rows of a whole state."""
     out = dict(state)
     out["state"] = {
         k: map_rows(v, shard.total, shard.rows) if k in sharded else v

@@ -1,6 +1,6 @@
 """Checks of user settings that fail early, each naming the setting and its allowed values.
 
-Every check raises :class:`ConfigError`, a ``ValueError`` that carries the setting's name in
+Every check raises `ConfigError`, a ``ValueError`` that carries the setting's name in
 ``argument`` and the rest of the message in ``detail``, so a front end can say the same thing
 in its own words (the command line names ``--lr-img`` where Python code says ``lr_img``).
 """

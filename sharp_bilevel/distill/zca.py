@@ -4,16 +4,20 @@ MTT, FTD and DATM fit ZCA on the whole training set (``eps = 0.1``) and store tr
 already whitened; synthetic images then live in ZCA space. With images flattened to
 ``X in R^{N x D}`` (``D = C H W``):
 
-.. math::
+$$
+\\mu = \\tfrac1N \\sum_n x_n, \\quad
+\\Sigma = \\tfrac{1}{N-1} (X - \\mu)^\\top (X - \\mu) = U \\operatorname{diag}(S) U^\\top,
+$$
 
-    \\mu = \\tfrac1N \\sum_n x_n, \\quad
-    \\Sigma = \\tfrac{1}{N-1} (X - \\mu)^\\top (X - \\mu) = U \\operatorname{diag}(S) U^\\top,
+$$
+T = U \\operatorname{diag}\\big((S + \\epsilon)^{-1/2}\\big) U^\\top, \\quad
+T^{-1} = U \\operatorname{diag}\\big((S + \\epsilon)^{1/2}\\big) U^\\top,
+$$
 
-    T = U \\operatorname{diag}\\big((S + \\epsilon)^{-1/2}\\big) U^\\top, \\quad
-    T^{-1} = U \\operatorname{diag}\\big((S + \\epsilon)^{1/2}\\big) U^\\top,
-
-    \\operatorname{transform}(x) = (x - \\mu) T, \\quad
-    \\operatorname{inverse\\_transform}(z) = z T^{-1} + \\mu.
+$$
+\\operatorname{transform}(x) = (x - \\mu) T, \\quad
+\\operatorname{inverse\\_transform}(z) = z T^{-1} + \\mu.
+$$
 
 The whitened training data has covariance ``T Sigma T = U diag(S / (S + eps)) U^T``. These are the
 formulas of ``kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True)`` as MTT uses it (unbiased
@@ -37,7 +41,7 @@ __all__ = ["ZCA", "NotFittedError"]
 
 
 class NotFittedError(RuntimeError, ValueError):
-    """A :class:`ZCA` was used before ``fit`` or ``load_state_dict`` (both a ``ValueError`` and a
+    """A `ZCA` was used before ``fit`` or ``load_state_dict`` (both a ``ValueError`` and a
     ``RuntimeError``)."""
 
 
@@ -214,7 +218,7 @@ class ZCA:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> ZCA:
-        """Restore from :meth:`state_dict` (``T``, ``T^{-1}`` recomputed); returns ``self``."""
+        """Restore from `state_dict` (``T``, ``T^{-1}`` recomputed); returns ``self``."""
         missing = [k for k in _STATE_KEYS if k not in state]
         extra = [k for k in state if k not in _STATE_KEYS]
         if missing or extra:
@@ -241,16 +245,16 @@ class ZCA:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ZCA:
-        """A new :class:`ZCA` from :meth:`state_dict`."""
+        """A new `ZCA` from `state_dict`."""
         return cls().load_state_dict(state)
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`state_dict` to ``path`` (atomically; tensors only)."""
+        """Write `state_dict` to ``path`` (atomically; tensors only)."""
         return atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> ZCA:
-        """A :class:`ZCA` from a file written by :meth:`save`, read as data only
+        """A `ZCA` from a file written by `save`, read as data only
         (``weights_only=True``: a file that would run code is refused)."""
         state = load_data(path, "ZCA state")
         if not isinstance(state, dict):

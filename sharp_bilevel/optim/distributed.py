@@ -1,20 +1,21 @@
 r"""The optimizer across ranks: whole-set quantities reduced over a process group.
 
 When the synthetic set is sharded (each rank owns some images, see
-:mod:`sharp_bilevel.trajectory.sharded`), a rule's whole-set quantities must be those of the
+`sharp_bilevel.trajectory.sharded`), a rule's whole-set quantities must be those of the
 whole set, or the sharded step would not be the single-process step:
 
-.. math::
-    \lVert g \rVert^2 = \sum_r \lVert g^{(r)} \rVert^2, \qquad
-    \langle g, g' \rangle = \sum_r \langle g^{(r)}, g'^{(r)} \rangle, \qquad
-    \lVert T g \rVert^2 = \sum_r \lVert T^{(r)} g^{(r)} \rVert^2 .
+$$
+\lVert g \rVert^2 = \sum_r \lVert g^{(r)} \rVert^2, \qquad
+\langle g, g' \rangle = \sum_r \langle g^{(r)}, g'^{(r)} \rangle, \qquad
+\lVert T g \rVert^2 = \sum_r \lVert T^{(r)} g^{(r)} \rVert^2 .
+$$
 
-:class:`RankLayout` knows which perturbed tensors are sharded (param groups with
+`RankLayout` knows which perturbed tensors are sharded (param groups with
 ``"sharded": True``) and where each rank's rows sit in the whole set; inside
-:meth:`RankLayout.scope`, :func:`~sharp_bilevel.optim.reductions.reduce_sum` sums over ranks
+`RankLayout.scope`, `reduce_sum` sums over ranks
 (replicated tensors counted once). Per-sample sums stay local. SATM's smoothing noise for sample
 ``j`` is drawn for the whole set from the optimizer's generator and sliced, so it is the same
-whichever rank owns ``j``. :meth:`RankLayout.agree` makes every rank take the same decision
+whichever rank owns ``j``. `RankLayout.agree` makes every rank take the same decision
 (non-finite value, gate) in one all-reduce.
 """
 
@@ -42,7 +43,7 @@ class DistributedStepError(RuntimeError):
 
 
 def current_layout() -> RankLayout | None:
-    """The layout whose :meth:`RankLayout.scope` is active (None outside any)."""
+    """The layout whose `RankLayout.scope` is active (None outside any)."""
     return _SCOPE.get()
 
 
@@ -101,7 +102,7 @@ class RankLayout:
 
     @contextmanager
     def scope(self) -> Iterator[None]:
-        """Inside, whole-set reductions of :mod:`~sharp_bilevel.optim.reductions` span ranks."""
+        """Inside, whole-set reductions of `reductions` span ranks."""
         token = _SCOPE.set(self)
         try:
             yield

@@ -70,6 +70,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         smooth: relative size ``gamma >= 0`` of SATM's smoothing noise before the ascent call
             (``Delta_j = gamma ||phi_j|| / sqrt(d_j) z`` per sample); None takes the rule's
             default (``gamma`` for ``"ssam"``, 0 otherwise).
+        smooth_per_element: read ``smooth`` in SATM's paper convention, a per-element standard
+            deviation relative to the sample norm: ``Delta_j = gamma ||phi_j|| z``
+            (``gamma_relative = sqrt(d_j) gamma``).
         nonfinite: ``"raise"`` (default: raise ``NonFiniteError``) or ``"skip"`` (skip the step
             and count it in ``skipped_steps``) when a loss or gradient is NaN or infinite.
         seed: seed of the optimizer's own noise generator, an int in ``[0, 2**63 - 1]`` (drawn
@@ -81,7 +84,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             ranks) when the outer variables are sharded over ranks: param groups with
             ``"sharded": True`` hold this rank's rows of a set split along the first dimension.
             Whole-set norms and inner products, the smoothing noise and every skip/raise
-            decision are then the same as in one process (:mod:`sharp_bilevel.optim.distributed`);
+            decision are then the same as in one process (`sharp_bilevel.optim.distributed`);
             a failure on one rank makes every rank restore and raise ``DistributedStepError``.
             None (default): one process.
         **kwargs: hyperparameters of the rule (any name the rule has, e.g. ``eta``, ``alpha``,
@@ -110,6 +113,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         rho: float | None = None,
         *,
         smooth: float | None = None,
+        smooth_per_element: bool = False,
         nonfinite: str = "raise",
         seed: int | None = None,
         closure_options: Mapping[str, Any] | None = None,
@@ -150,6 +154,11 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 f"smooth must be a finite number >= 0 (None: the rule's default), got {smooth!r}"
             )
         self.smooth = float(gamma)
+        if not isinstance(smooth_per_element, bool):
+            raise ValueError(
+                f"smooth_per_element must be True or False, got {smooth_per_element!r}"
+            )
+        self.smooth_per_element = smooth_per_element
         if is_class and "lr" in base_kwargs:
             _check_lr(base_kwargs["lr"], "lr")
         if params is not None and not isinstance(params, Tensor):
@@ -307,7 +316,13 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 rows = None
                 if self._layout is not None:
                     rows = [self._layout.noise_rows(k) for k in range(len(perturbed))]
-                noise = smoothing_noise(perturbed, self.smooth, self._noise_generator, rows)
+                noise = smoothing_noise(
+                    perturbed,
+                    self.smooth,
+                    self._noise_generator,
+                    rows,
+                    per_element=self.smooth_per_element,
+                )
                 with torch.no_grad():
                     torch._foreach_add_(perturbed, noise)
             loss = None

@@ -15,9 +15,9 @@ result keeps its parameter's dtype. A whole-set sum accumulates in the promoted 
 float64 tensor gets a float32 result, a bfloat16 tensor beside float32 ones a bfloat16 result
 from a float32 total.
 
-Inside :meth:`sharp_bilevel.optim.distributed.RankLayout.scope` (a sharded step), whole-set sums
+Inside `sharp_bilevel.optim.distributed.RankLayout.scope` (a sharded step), whole-set sums
 run over every rank's rows; per-sample sums stay local. User rules that build whole-set
-quantities from :func:`reduce_sum`, :func:`dot` and :func:`norm` are therefore exact across ranks.
+quantities from `reduce_sum`, `dot` and `norm` are therefore exact across ranks.
 """
 
 from __future__ import annotations

@@ -16,18 +16,25 @@ def smoothing_noise(
     gamma: float,
     generator: torch.Generator,
     rows: Sequence[tuple[int, int] | None] | None = None,
+    *,
+    per_element: bool = False,
 ) -> list[Tensor]:
     r"""Draw ``Delta`` for each tensor, independently per sample (leading dimension).
 
-    .. math::
-        \Delta_j = \gamma \frac{\lVert \phi_j \rVert_2}{\sqrt{d_j}} z, \qquad z \sim N(0, I),
-        \qquad \mathbb{E}\lVert \Delta_j \rVert_2^2 = \gamma^2 \lVert \phi_j \rVert_2^2
+    $$
+    \Delta_j = \gamma \frac{\lVert \phi_j \rVert_2}{\sqrt{d_j}} z, \qquad z \sim N(0, I),
+    \qquad \mathbb{E}\lVert \Delta_j \rVert_2^2 = \gamma^2 \lVert \phi_j \rVert_2^2
+    $$
 
     with ``d_j`` the number of elements of one sample, so ``gamma`` is the noise size relative to
     the sample's own norm whatever the image size (the paper writes the covariance as
     ``gamma ||phi_j|| I``; this is the same family with ``gamma`` made relative). A zero sample
     gets no noise. ``z`` comes from ``generator`` (a CPU generator, so a seed gives the same noise
     on every device) and is cast to each tensor's dtype and device.
+
+    ``per_element=True`` reads ``gamma`` as SATM's per-element convention,
+    $\Delta_j = \gamma \lVert \phi_j \rVert_2 z$ (the same family with
+    $\gamma_{\text{relative}} = \sqrt{d_j} \, \gamma$).
 
     ``rows[k] = (offset, total)`` marks tensor ``k`` as this rank's rows
     ``[offset, offset + n)`` of a set of ``total`` sharded over ranks: ``z`` is drawn for all
@@ -44,5 +51,6 @@ def smoothing_noise(
         z = torch.randn(shape, generator=generator, dtype=draw_dtype)
         if shard is not None:
             z = z[shard[0] : shard[0] + p.shape[0]]
-        noise.append((gamma / math.sqrt(per_sample)) * n * z.to(p.device, p.dtype))
+        scale = gamma if per_element else gamma / math.sqrt(per_sample)
+        noise.append(scale * n * z.to(p.device, p.dtype))
     return noise

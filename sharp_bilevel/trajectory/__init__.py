@@ -1,6 +1,6 @@
 """Floor 2, the trajectory engine: the functional student, the step plan, the unroll with TUH
 and TR, the inner optimizers, the hypergradient settings, replayable augmentation, the
-trajectory-matching objective and the SATM preset. It uses only :mod:`sharp_bilevel.optim`."""
+trajectory-matching objective and the SATM preset. It uses only `sharp_bilevel.optim`."""
 
 from .augment import DSA, DSAParams
 from .hypergradient import UnrollSettings, first_order_lr_grad

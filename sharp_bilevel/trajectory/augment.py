@@ -5,9 +5,9 @@ MTT, FTD and DATM augment every inner-loop batch with DSA (Zhao & Bilen, 2021): 
 applied with fresh per-image randomness. MTT draws that randomness from torch's global RNGs inside
 the transform, so an unroll cannot be replayed. Here the two halves are separate:
 
-* :func:`sample_dsa` draws a :class:`DSADraw` (the family and every random tensor it needs, on CPU)
+* `sample_dsa` draws a `DSADraw` (the family and every random tensor it needs, on CPU)
   from a caller-owned ``torch.Generator`` only; the global RNG is never touched;
-* :func:`apply_dsa` is a deterministic, differentiable function of ``x`` given the draw.
+* `apply_dsa` is a deterministic, differentiable function of ``x`` given the draw.
 
 A step plan samples one draw per inner step before the first pass and replays them bit-identically
 in later passes (at ``phi + eps``, or from a restart). One draw applied to two batches of the same
@@ -94,7 +94,7 @@ class DSAParams:
     """DSA strengths; defaults are MTT's ``ParamDiffAug`` (mode ``'S'``).
 
     Attributes (allowed range):
-        strategy: ``_``-separated families from :data:`DSA_FAMILIES`; one entry is chosen
+        strategy: ``_``-separated families from `DSA_FAMILIES`; one entry is chosen
             uniformly per call (a repeated entry is chosen proportionally more often).
         scale: ``[1, inf)``; per-axis scale factors uniform in ``[1/scale, scale]``.
         rotate: ``[0, 180]`` degrees; angle uniform in ``[-rotate, rotate]``.
@@ -161,7 +161,7 @@ class DSADraw:
     * ``scale``: ``scale_factors``, float ``[B, 2]``, ``(s_x, s_y)`` (width, height);
     * ``rotate``: ``rotate_angle``, float ``[B]``, radians.
 
-    ``image_size`` is the ``(H, W)`` it was drawn for. Floats are float64; :func:`apply_dsa` casts
+    ``image_size`` is the ``(H, W)`` it was drawn for. Floats are float64; `apply_dsa` casts
     them to ``x``'s dtype and device. Identity comparison only (``eq=False``): compare the tensors.
     """
 
@@ -400,20 +400,20 @@ class DSA:
     """DSA as a replayable augmentation object: ``sample`` draws, ``apply`` applies.
 
     ``sample(batch_shape, generator)`` takes the full ``[B, C, H, W]`` shape, so the object fits a
-    step plan's ``sample``/``apply`` protocol; ``DSA(params)(x, generator)`` is :func:`dsa`.
+    step plan's ``sample``/``apply`` protocol; ``DSA(params)(x, generator)`` is `dsa`.
     """
 
     params: DSAParams = field(default_factory=DSAParams)
 
     def sample(self, batch_shape: tuple[int, ...], generator: torch.Generator) -> DSADraw:
-        """:func:`sample_dsa` for a batch of shape ``[B, C, H, W]``."""
+        """`sample_dsa` for a batch of shape ``[B, C, H, W]``."""
         shape = tuple(batch_shape)
         if len(shape) != 4:
             raise ValueError(f"batch_shape must be [B, C, H, W], got {batch_shape!r}")
         return sample_dsa(int(shape[0]), (int(shape[2]), int(shape[3])), self.params, generator)
 
     def apply(self, x: Tensor, draw: DSADraw) -> Tensor:
-        """:func:`apply_dsa` with this object's params."""
+        """`apply_dsa` with this object's params."""
         return apply_dsa(x, draw, self.params)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:

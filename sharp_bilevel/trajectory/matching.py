@@ -21,12 +21,13 @@ _TR_KEY = "trajectory_reuse"
 class TrajectoryMatching:
     r"""The outer objective of one outer iteration; call it (or hand it to ``opt.step``).
 
-    .. math::
-        L(\phi, \alpha) = \frac{\lVert w_N(\phi, \alpha) - w^*_{t+M} \rVert^2}
-                               {\lVert w^*_t - w^*_{t+M} \rVert^2}, \qquad w_0 = w^*_t
+    $$
+    L(\phi, \alpha) = \frac{\lVert w_N(\phi, \alpha) - w^*_{t+M} \rVert^2}
+                           {\lVert w^*_t - w^*_{t+M} \rVert^2}, \qquad w_0 = w^*_t
+    $$
 
     with ``w_N`` the student after ``N = syn_steps`` inner steps on the synthetic set (see
-    :func:`sharp_bilevel.trajectory.unroll.unroll`). Build one per outer iteration: the step plan
+    `sharp_bilevel.trajectory.unroll.unroll`). Build one per outer iteration: the step plan
     (minibatches and augmentation randomness of every inner step) is drawn here, once, so the
     optimizer's second pass at ``phi + eps`` and a trajectory-reuse restart replay the same inner
     problem. The closure
@@ -59,7 +60,7 @@ class TrajectoryMatching:
             rank's rows ``[shard.offset, shard.offset + shard.count)``; the plan (same seed on
             every rank) indexes all ``shard.total`` samples, every rank follows the same
             trajectory and gets the exact gradient of its own rows (see
-            :mod:`sharp_bilevel.trajectory.sharded`).
+            `sharp_bilevel.trajectory.sharded`).
     """
 
     def __init__(

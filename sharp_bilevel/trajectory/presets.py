@@ -25,7 +25,7 @@ def satm_optimizer(
     """SATM in one call: smoothed SAM + TUH (keep ``N/3``) + TR (``tau = iota``) + first-order lr.
 
     The unroll settings travel to the objective as ``closure_options["unroll"]``
-    (:class:`~sharp_bilevel.trajectory.matching.TrajectoryMatching` reads them). Put the learnable
+    (`TrajectoryMatching` reads them). Put the learnable
     inner rate (and soft labels) in groups with ``perturb=False``; MTT's outer optimizer is
     ``SGD(momentum=0.5)``. ``rho`` and ``gamma`` are this library's starting points, not values
     from the paper: tune them to the scale of your images.

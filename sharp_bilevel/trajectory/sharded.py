@@ -5,18 +5,19 @@ With ``W`` ranks, rank ``r`` owns the samples ``S_r = [offset, offset + count)``
 ``total``. Inner step ``i`` has one global minibatch ``B_i`` (the same step plan everywhere), and
 its gradient is a sum of per-rank parts,
 
-.. math::
-    g_i = \sum_r g_i^{(r)}, \qquad
-    g_i^{(r)} = \frac{1}{|B_i|} \sum_{j \in B_i \cap S_r}
-        \nabla_w \mathrm{CE}(f(A_i(x_j); w_i), y_j),
+$$
+g_i = \sum_r g_i^{(r)}, \qquad
+g_i^{(r)} = \frac{1}{|B_i|} \sum_{j \in B_i \cap S_r}
+    \nabla_w \mathrm{CE}(f(A_i(x_j); w_i), y_j),
+$$
 
 so every rank holds the same ``w_{i+1} = w_i - \alpha g_i``, the same ``w_N`` and the same outer
 loss. Two autograd functions make the backward exact (Megatron-LM's ``f`` and ``g``):
 
-* :func:`reduce_from_ranks` (``g``): sum-all-reduce forward, identity backward, applied to the
+* `reduce_from_ranks` (``g``): sum-all-reduce forward, identity backward, applied to the
   rank's part ``g_i^{(r)}``. Every rank holds the same ``L``, so summing cotangents here would
   count ``L`` ``W`` times.
-* :func:`copy_to_ranks` (``f``): identity forward, sum-all-reduce backward, applied to ``w_i``
+* `copy_to_ranks` (``f``): identity forward, sum-all-reduce backward, applied to ``w_i``
   where it enters the rank's local forward. Then ``dL/dw_i = dL/dw_{i+1} + \sum_r
   \mathrm{VJP}_r`` is the same full sum on every rank; without it each rank would back-propagate
   only its own part and the ranks' ``w``-cotangents would drift apart.
@@ -119,7 +120,7 @@ class Shard:
 
     @classmethod
     def current(cls, total: int, group: Group = None) -> Shard:
-        """:meth:`even` for this process's rank in ``group`` (initialised torch.distributed)."""
+        """`even` for this process's rank in ``group`` (initialised torch.distributed)."""
         return cls.even(total, dist.get_rank(group=group), dist.get_world_size(group=group), group)
 
     def members(self, indices: Tensor) -> tuple[Tensor, Tensor]:

@@ -35,7 +35,7 @@ class StepPlan:
     """Per inner step ``i``: ``indices[i]`` (a ``LongTensor`` of synthetic sample indices, on
     CPU) and ``draws[i]`` (the augmentation's randomness, or None).
 
-    Build with :meth:`mtt` (MTT's schedule) or directly from explicit indices.
+    Build with `mtt` (MTT's schedule) or directly from explicit indices.
     """
 
     indices: tuple[Tensor, ...]

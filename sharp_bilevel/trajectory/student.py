@@ -7,7 +7,7 @@ MTT's student is a ``ReparamModule`` that rewrites the module's parameters into 
 vector, one to one.
 
 Buffers (batch-norm running statistics) are read from the module and copied at the start of each
-unroll (:meth:`FunctionalStudent.fresh_buffers`); the in-place statistic updates of a training
+unroll (`FunctionalStudent.fresh_buffers`); the in-place statistic updates of a training
 forward land in that copy and are discarded, so the module never changes and both passes of a
 step (and any rerun) see the same inner problem. In train mode batch norm normalises with batch
 statistics, so the running values never enter the unroll anyway. Instance norm (MTT's default,

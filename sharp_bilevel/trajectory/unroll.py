@@ -3,9 +3,10 @@ r"""The inner unroll with truncation (TUH) and a restart point (TR).
 Inner step ``i`` (MTT, all four repositories): with the plan's minibatch ``B_i`` and augmentation
 ``A_i``,
 
-.. math::
-    g_i = \nabla_w \mathrm{CE}(f(A_i(x_{B_i}); w_i), y_{B_i}), \qquad
-    w_{i+1} = w_i + \alpha\, u_i \quad (u_i = -g_i \text{ for SGD}).
+$$
+g_i = \nabla_w \mathrm{CE}(f(A_i(x_{B_i}); w_i), y_{B_i}), \qquad
+w_{i+1} = w_i + \alpha\, u_i \quad (u_i = -g_i \text{ for SGD}).
+$$
 
 * **TUH** (SATM Eq. 8): steps ``i < graph_from`` (``iota``) run without graph (their ``w_i``
   detached), so the hypergradient flows through steps ``iota..N-1`` only and the saved activations
@@ -99,7 +100,7 @@ def unroll(
         inner: the inner optimizer (MTT's plain SGD by default).
         loss_fn: ``loss_fn(outputs, targets)`` replaces the (soft) cross-entropy, e.g. a squared
             error for regression (a mean over the batch).
-        shard: this rank's part of a set sharded over ranks (:mod:`~.sharded`): ``images`` and
+        shard: this rank's part of a set sharded over ranks (`sharded`): ``images`` and
             ``targets`` hold its rows only, the plan indexes the whole set, and each step's
             gradient is summed over ranks so every rank follows the same trajectory.
     """

@@ -874,3 +874,17 @@ def test_step_returns_the_first_loss_detached(rule: str) -> None:
     assert returned.grad_fn is None
     assert not returned.requires_grad
     assert float(returned) == 5.0  # F(phi) at the pre-step point
+
+
+def test_smooth_per_element_is_the_relative_form_scaled_by_sqrt_d() -> None:
+    """SATM's paper convention: gamma_relative = sqrt(d_j) * gamma_per_element."""
+    images = torch.randn(3, 2, 4, 4, dtype=F64)
+    d = 2 * 4 * 4
+    a = smoothing_noise([images], 0.01, torch.Generator().manual_seed(5), per_element=True)
+    b = smoothing_noise([images], 0.01 * d**0.5, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=0)
+    z = torch.randn(images.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    norms = images.reshape(3, -1).norm(dim=1).reshape(3, 1, 1, 1)
+    torch.testing.assert_close(a[0], 0.01 * norms * z, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="smooth_per_element"):
+        SharpBilevelOptimizer([torch.nn.Parameter(images)], smooth_per_element=1, lr=0.1)

@@ -15,9 +15,10 @@ from .base import PerturbationRule, RuleState, check_bool, check_nonnegative, ch
 class ASAM(PerturbationRule):
     r"""Scale-invariant SAM: the ball is taken in the coordinates ``T^{-1} \phi``.
 
-    .. math::
-        T = |\phi| + \eta, \qquad
-        \epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert_2 + \xi}, \qquad d = g'
+    $$
+    T = |\phi| + \eta, \qquad
+    \epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert_2 + \xi}, \qquad d = g'
+    $$
 
     ``eta = 0`` gives the widely copied davda54/sam variant. Unlike the official ASAM, which
     applies ``T`` only to tensors named "weight", ``T`` applies to every perturbed tensor: the

@@ -26,10 +26,11 @@ from .sam import scaled_direction
 class GSAM(PerturbationRule):
     r"""SAM's ascent, and a descent that also lowers the surrogate gap ``F(phi + eps) - F(phi)``.
 
-    .. math::
-        \epsilon = \rho_t \frac{g}{\lVert g \rVert_2 + \xi}, \qquad
-        g_\perp = g - \frac{\langle g, g' \rangle}{\lVert g' \rVert_2^2 + \xi} g', \qquad
-        d = g' - \alpha \, g_\perp
+    $$
+    \epsilon = \rho_t \frac{g}{\lVert g \rVert_2 + \xi}, \qquad
+    g_\perp = g - \frac{\langle g, g' \rangle}{\lVert g' \rVert_2^2 + \xi} g', \qquad
+    d = g' - \alpha \, g_\perp
+    $$
 
     With ``adaptive=True`` the ascent is ASAM's, ``eps = rho_t T^2 g / (||T g|| + xi)`` with
     ``T = |phi| + eta`` (FTD's expert script uses this form with ``eta = 0``).

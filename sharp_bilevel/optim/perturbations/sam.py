@@ -15,8 +15,9 @@ from .base import PerturbationRule, RuleState, check_bool, check_positive
 class SAM(PerturbationRule):
     r"""SAM's first-order worst-case perturbation inside an L2 ball of radius ``rho``.
 
-    .. math::
-        \epsilon = \rho \frac{g}{\lVert g \rVert_2 + \xi}, \qquad d = g' = \nabla F(\phi + \epsilon)
+    $$
+    \epsilon = \rho \frac{g}{\lVert g \rVert_2 + \xi}, \qquad d = g' = \nabla F(\phi + \epsilon)
+    $$
 
     with ``xi = 1e-12`` and the norm over all perturbed tensors (or per sample when
     ``per_sample=True``: the leading dimension of each tensor indexes samples).

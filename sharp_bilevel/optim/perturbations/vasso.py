@@ -15,9 +15,10 @@ from .sam import scaled_direction
 class VaSSO(PerturbationRule):
     r"""SAM along a moving average of gradients, which stabilises the adversary.
 
-    .. math::
-        d_t = (1 - \theta) d_{t-1} + \theta g_t \;(d_1 = g_1), \qquad
-        \epsilon = \rho \frac{d_t}{\lVert d_t \rVert_2 + \xi}, \qquad \text{descent } g'
+    $$
+    d_t = (1 - \theta) d_{t-1} + \theta g_t \;(d_1 = g_1), \qquad
+    \epsilon = \rho \frac{d_t}{\lVert d_t \rVert_2 + \xi}, \qquad \text{descent } g'
+    $$
 
     The state holds ``d`` (one tensor per perturbed parameter) and is saved in ``state_dict``.
 
