@@ -17,19 +17,42 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sharp_bilevel.trajectory.matching import TrajectoryMatching
 from sharp_bilevel.trajectory.student import Student, as_student
 
 from .mtt import floor_syn_lr
 from .mtt import make_closure as _mtt_closure
 
-make_closure = partial(_mtt_closure, soft_labels=True)
-make_closure.__doc__ = "MTT's closure with ``soft_labels=True``: ``label_syn`` are logits."
+
+def make_closure(
+    student_net: nn.Module | Student,
+    expert_trajectory: Sequence[Any],
+    start_epoch: int,
+    image_syn: Tensor,
+    syn_lr: Tensor,
+    label_syn: Tensor,
+    **kwargs: Any,
+) -> TrajectoryMatching:
+    """MTT's closure with ``soft_labels=True``: ``label_syn`` are DATM's learnable logits
+    ``[n, classes]`` (inner targets ``softmax(label_syn)``). Every keyword of
+    ``sharp_bilevel.adapters.mtt.make_closure`` (``args``, ``seed``, ``settings``, ``shard``, ...)
+    applies."""
+    return _mtt_closure(
+        student_net,
+        expert_trajectory,
+        start_epoch,
+        image_syn,
+        syn_lr,
+        label_syn,
+        soft_labels=True,
+        **kwargs,
+    )
+
 
 __all__ = ["StartEpochWindow", "floor_syn_lr", "gate", "make_closure", "soft_label_logits"]
 

@@ -92,6 +92,17 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             ``momentum``, ...). A name that neither takes raises ``TypeError``. Every ``lr``
             (here or in a param group) must be a finite number >= 0.
 
+    Attributes:
+        base_optimizer: the wrapped ``torch.optim.Optimizer``; its ``param_groups`` and
+            ``state`` are this optimizer's (a scheduler may drive either).
+        perturbation: the ``PerturbationRule`` in use.
+        smooth: the smoothing size ``gamma`` in force (0: off).
+        nonfinite: ``"raise"`` or ``"skip"``.
+        steps_taken: steps the base optimizer has taken (skipped steps not counted).
+        skipped_steps: ``{"nonfinite": n, "gate": m}``, the steps skipped so far.
+        last_step: the ``StepReport`` of the latest ``step()`` (loss, perturbed loss, ``||g||``,
+            whether and why it was skipped), None before the first.
+
     Examples:
         >>> import torch
         >>> from sharp_bilevel import SharpBilevelOptimizer

@@ -82,7 +82,12 @@ class UnrollSettings:
 
 
 def first_order_lr_grad(grad_final: Tensor, direction_sum: Tensor) -> Tensor:
-    r"""SATM Eq. 10: ``dL/dalpha ~= <dL/dw_N, sum_i u_i>`` (``u_i = -g_i`` for SGD).
+    r"""SATM Eq. 10, the first-order lr gradient (``u_i = -g_i`` for SGD):
+
+    $$
+    \frac{\partial L}{\partial \alpha} \approx
+    \Big\langle \frac{\partial L}{\partial w_N}, \sum_{i<N} u_i \Big\rangle .
+    $$
 
     It is the exact derivative of ``L(w_0 + alpha sum_i u_i)`` with the directions ``u_i`` held
     constant: the terms through which ``alpha`` changes later gradients are dropped.

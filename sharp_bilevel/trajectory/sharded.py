@@ -83,7 +83,11 @@ def reduce_from_ranks(x: Tensor, group: Group = None) -> Tensor:
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank's samples ``[offset, offset + count)`` of a synthetic set of ``total``.
+    r"""This rank's samples ``[offset, offset + count)`` of a synthetic set of ``total``.
+
+    Rank $r$'s part of inner step $i$'s gradient is
+    $g_i^{(r)} = \frac{1}{|B_i|} \sum_{j \in B_i \cap S_r} \nabla_w \mathrm{CE}_j$, and
+    $g_i = \sum_r g_i^{(r)}$ on every rank.
 
     Args:
         offset: global index of the rank's first sample.

@@ -82,7 +82,14 @@ def unroll(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     shard: Shard | None = None,
 ) -> UnrollResult:
-    """Run inner steps ``start_step..N-1`` of ``plan`` from ``start``.
+    r"""Run inner steps ``start_step..N-1`` of ``plan`` from ``start``:
+
+    $$
+    w_{i+1} = w_i + \alpha \, u_i, \qquad
+    u_i = -\nabla_w \mathrm{CE}\big(f(A_i(x_{B_i}); w_i), y_{B_i}\big) \text{ for SGD},
+    $$
+
+    with the graph kept from step $\iota$ (``graph_from``) on.
 
     Args:
         student: the network driven by a flat vector.
