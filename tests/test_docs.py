@@ -225,3 +225,15 @@ def test_every_rule_row_of_a_swap_page_runs_with_the_rest_of_its_diff(fork: str)
         opt.step(closure)
     assert "from sharp_bilevel import satm_optimizer" in text
     assert "+        lr=args.lr_img, rho=0.05, gamma=0.01, seed=0)" in text
+
+
+def test_the_changelog_opens_with_the_package_version() -> None:
+    import tomllib
+
+    import sharp_bilevel
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert sharp_bilevel.__version__ == version
+    first = re.search(r"^## (\S+)", (DOCS / "changelog.md").read_text(), re.M)
+    assert first is not None
+    assert first.group(1) == version
