@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 XI = 1e-12
-ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam")
-TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam")
+ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam", "wsam")
+TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam", "wsam")
 
 
 # ---------------------------------------------------------------------- the objective
@@ -129,6 +129,7 @@ class RefRule:
             "asam": {"rho": 0.5, "eta": 0.01},
             "gsam": {"rho": 0.05, "alpha": 0.4, "rho_min": None, "lr_min": None, "lr_max": None},
             "vasso": {"rho": 0.05, "theta": 0.9},
+            "wsam": {"rho": 0.05, "gamma": 0.9},
         }
         self.hp = {**defaults[name], **hp}
         self.d: list[Tensor] | None = None  # VaSSO's moving average
@@ -149,7 +150,7 @@ class RefRule:
         """Returns eps and (for VaSSO) a pending state kept in ``self.pending_d``."""
         hp = self.hp
         self.pending_d = self.d
-        if self.name in ("sam", "ssam", "gsam"):
+        if self.name in ("sam", "ssam", "gsam", "wsam"):
             return scaled(g, self.rho_t(lr))
         if self.name == "asam":
             t = [p.abs() + hp["eta"] for p in phi]
@@ -170,6 +171,9 @@ class RefRule:
         self.d = self.pending_d
 
     def descent(self, g: Sequence[Tensor], ga: Sequence[Tensor]) -> list[Tensor]:
+        if self.name == "wsam":  # d = g + gamma / (1 - gamma) (g' - g)
+            a = self.hp["gamma"] / (1 - self.hp["gamma"])
+            return [x + a * (y - x) for x, y in zip(g, ga, strict=True)]
         if self.name != "gsam":
             return list(ga)
         ip = sum((a * b).sum() for a, b in zip(g, ga, strict=True))

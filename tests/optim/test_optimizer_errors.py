@@ -35,9 +35,9 @@ BAD_ARGUMENTS = [
         TypeError,
         [
             r"unexpected keyword argument 'eta'",
-            r"perturbation 'sam' \(which accepts per_sample, rho\)",
+            r"perturbation 'sam' \(which accepts per_sample, rho, xi\)",
             SGD_ARGS,
-            r"eta is a hyperparameter of 'asam', 'gsam', not of 'sam'",
+            r"eta is a hyperparameter of 'asam', 'gsam', 'wsam', not of 'sam'",
         ],
     ),
     (
@@ -50,7 +50,7 @@ BAD_ARGUMENTS = [
         "unknown_name",
         {"perturbation": "asam", "bogus": 1},
         TypeError,
-        [r"'bogus'", r"'asam' \(which accepts eta, per_sample, rho\)", SGD_ARGS],
+        [r"'bogus'", r"'asam' \(which accepts eta, per_sample, rho, scaled, xi\)", SGD_ARGS],
     ),
     (
         "sgd_argument_with_adam",

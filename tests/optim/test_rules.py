@@ -1294,3 +1294,53 @@ def test_optimizer_step_with_mixed_dtypes_matches_float64_reference(name, hyper,
         expected_after = add(phi, direction, -lr)
     scale = max(float(s.abs().max()) for s in add(expected_after, phi, -1.0))  # the step
     assert_close_in_dtypes([p.detach() for p in params], expected_after, params, rtol, scale)
+
+
+# ---------------------------------------------------------------------- xi and ASAM's scaled
+@pytest.mark.parametrize("rule", ["sam", "asam", "gsam", "vasso", "wsam", "ssam"])
+def test_xi_is_the_denominator_guard_of_every_norm_rule(rule: str) -> None:
+    """A large xi makes its presence visible: eps = rho g / (||g|| + xi) (float64 by hand)."""
+    from sharp_bilevel import get_perturbation
+
+    gen = torch.Generator().manual_seed(3)
+    phi = [torch.randn(3, 2, generator=gen, dtype=torch.float64)]
+    g = [torch.randn(3, 2, generator=gen, dtype=torch.float64)]
+    xi = 0.7
+    eps, _ = get_perturbation(rule, xi=xi).ascent(phi, g, {}, 0.0)
+    if rule == "asam":
+        t = phi[0].abs() + 0.01
+        expected = 0.5 * t * t * g[0] / ((t * g[0]).norm() + xi)
+    else:
+        expected = 0.05 * g[0] / (g[0].norm() + xi)
+    torch.testing.assert_close(eps[0], expected, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="xi must be a finite number >= 0"):
+        get_perturbation(rule, xi=-1.0)
+
+
+def test_asam_scales_only_the_chosen_tensors() -> None:
+    """The official ASAM's T on tensors named "weight" only: here by position, T = 1 elsewhere."""
+    from sharp_bilevel import ASAM
+
+    gen = torch.Generator().manual_seed(4)
+    phi = [torch.randn(3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    g = [torch.randn(3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    eps, _ = ASAM(rho=0.5, eta=0.01, scaled=(1,)).ascent(phi, g, {}, 0.0)
+    t = [torch.ones(3, dtype=torch.float64), phi[1].abs() + 0.01]
+    n = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g, strict=True)))
+    for e, ti, gi in zip(eps, t, g, strict=True):
+        torch.testing.assert_close(e, 0.5 * ti * ti * gi / (n + 1e-12), rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="scaled must be None or a tuple"):
+        ASAM(scaled=[0])  # type: ignore[arg-type]
+
+
+def test_wsam_descent_interpolates_between_g_and_sam() -> None:
+    from sharp_bilevel import WSAM
+
+    g = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+    ga = [torch.tensor([3.0, -1.0], dtype=torch.float64)]
+    assert torch.equal(WSAM(gamma=0.0).descent(g, ga, {})[0], g[0])  # plain descent
+    assert torch.equal(WSAM(gamma=0.5).descent(g, ga, {})[0], ga[0])  # SAM
+    torch.testing.assert_close(WSAM(gamma=0.9).descent(g, ga, {})[0], 9 * ga[0] - 8 * g[0])
+    for bad in (1.0, -0.1, True, float("nan")):
+        with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\)"):
+            WSAM(gamma=bad)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ name        ascent ``eps``                                               descent
 ``gsam``    as SAM, optional rho schedule                                ``g' - alpha g_perp``
 ``vasso``   ``rho d / (||d|| + xi)``, ``d <- (1-theta) d + theta g``     ``g'``
 ``ssam``    SAM, gradient taken at ``phi + Delta`` (SATM smoothing)      ``g'``
+``wsam``    as SAM                                                       ``g + a (g' - g)``
 ==========  ==========================================================  ===================
 """
 
@@ -25,11 +26,13 @@ from .registry import (
 from .sam import SAM
 from .smoothed import SmoothedSAM
 from .vasso import VaSSO
+from .wsam import WSAM
 
 __all__ = [
     "ASAM",
     "GSAM",
     "SAM",
+    "WSAM",
     "NoPerturbation",
     "PerturbationRule",
     "RuleState",

@@ -49,6 +49,7 @@ class GSAM(PerturbationRule):
         per_sample: one norm/inner product per sample instead of one for the whole set.
         adaptive: ASAM's scale-invariant ascent instead of SAM's.
         eta: offset of ``T`` when ``adaptive``, >= 0 (default 0, as FTD).
+        xi: the denominators' guard, >= 0 (default 1e-12).
     """
 
     rho: float = 0.05
@@ -59,6 +60,7 @@ class GSAM(PerturbationRule):
     per_sample: bool = False
     adaptive: bool = False
     eta: float = 0.0
+    xi: float = XI
 
     def validate(self) -> None:
         check_positive("rho", self.rho)
@@ -66,6 +68,7 @@ class GSAM(PerturbationRule):
         check_bool("per_sample", self.per_sample)
         check_bool("adaptive", self.adaptive)
         check_nonnegative("eta", self.eta)
+        check_nonnegative("xi", self.xi)
         if self.rho_min is not None or self.lr_min is not None or self.lr_max is not None:
             if self.rho_min is None or self.lr_min is None or self.lr_max is None:
                 raise ValueError(
@@ -93,8 +96,8 @@ class GSAM(PerturbationRule):
     ) -> tuple[list[Tensor], RuleState]:
         rho = self.rho_at(lr)
         if self.adaptive:
-            return adaptive_ascent(params, grads, rho, self.eta, self.per_sample), state
-        return scaled_direction(grads, rho, self.per_sample), state
+            return adaptive_ascent(params, grads, rho, self.eta, self.per_sample, self.xi), state
+        return scaled_direction(grads, rho, self.per_sample, self.xi), state
 
     def descent(
         self, grads: Sequence[Tensor], grads_adv: Sequence[Tensor], state: RuleState
@@ -103,6 +106,6 @@ class GSAM(PerturbationRule):
         sq_norm = dot(grads_adv, grads_adv, self.per_sample)
         out = []
         for g, ga, ip, sq in zip(grads, grads_adv, inner, sq_norm, strict=True):
-            g_perp = g - (ip / (sq + XI)) * ga
+            g_perp = g - (ip / (sq + self.xi)) * ga
             out.append(ga - self.alpha * g_perp)
         return out

@@ -22,6 +22,7 @@ from .none import NoPerturbation
 from .sam import SAM
 from .smoothed import SmoothedSAM
 from .vasso import VaSSO
+from .wsam import WSAM
 
 RuleFactory = Callable[..., PerturbationRule]
 F = TypeVar("F", bound=RuleFactory)
@@ -209,4 +210,5 @@ register_perturbation("sam", SAM)
 register_perturbation("asam", ASAM)
 register_perturbation("gsam", GSAM)
 register_perturbation("vasso", VaSSO)
+register_perturbation("wsam", WSAM)
 register_perturbation("ssam", SmoothedSAM, aliases=("smoothed", "smooth", "smoothed_sam"))

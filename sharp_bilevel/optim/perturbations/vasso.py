@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import PerturbationRule, RuleState, check_bool, check_interval, check_positive
+from ..reductions import XI
+from .base import (
+    PerturbationRule,
+    RuleState,
+    check_bool,
+    check_interval,
+    check_nonnegative,
+    check_positive,
+)
 from .sam import scaled_direction
 
 
@@ -27,16 +35,19 @@ class VaSSO(PerturbationRule):
         theta: averaging weight of the new gradient, in (0, 1] (default 0.9, the upstream
             script's value; ``theta = 1`` is SAM).
         per_sample: one norm per sample instead of one for the whole set.
+        xi: the denominator's guard, >= 0 (default 1e-12; VaSSO's code uses 1e-7).
     """
 
     rho: float = 0.05
     theta: float = 0.9
     per_sample: bool = False
+    xi: float = XI
 
     def validate(self) -> None:
         check_positive("rho", self.rho)
         check_interval("theta", self.theta, 0.0, 1.0, low_open=True)
         check_bool("per_sample", self.per_sample)
+        check_nonnegative("xi", self.xi)
 
     def ascent(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], state: RuleState, lr: float
@@ -48,4 +59,4 @@ class VaSSO(PerturbationRule):
             avg = [
                 (1 - self.theta) * d + self.theta * g for d, g in zip(previous, grads, strict=True)
             ]
-        return scaled_direction(avg, self.rho, self.per_sample), {**state, "d": avg}
+        return scaled_direction(avg, self.rho, self.per_sample, self.xi), {**state, "d": avg}
