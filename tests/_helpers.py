@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 XI = 1e-12
-ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam", "wsam")
-TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam", "wsam")
+ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam")
+TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam")
 
 
 # ---------------------------------------------------------------------- the objective
@@ -130,6 +130,7 @@ class RefRule:
             "gsam": {"rho": 0.05, "alpha": 0.4, "rho_min": None, "lr_min": None, "lr_max": None},
             "vasso": {"rho": 0.05, "theta": 0.9},
             "wsam": {"rho": 0.05, "gamma": 0.9},
+            "fsam": {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
         }
         self.hp = {**defaults[name], **hp}
         self.d: list[Tensor] | None = None  # VaSSO's moving average
@@ -157,6 +158,15 @@ class RefRule:
             tg = [ti * gi for ti, gi in zip(t, g, strict=True)]
             n = set_norm(tg)
             return [hp["rho"] * ti * ti * gi / (n + XI) for ti, gi in zip(t, g, strict=True)]
+        if self.name == "fsam":  # u = g - sigma m (u = g at first), m <- lmbda m + (1-lmbda) g
+            if self.d is None:
+                u, m = list(g), [gi.clone() for gi in g]
+            else:
+                sg, lm = hp["sigma"], hp["lmbda"]
+                u = [gi - sg * mi for gi, mi in zip(g, self.d, strict=True)]
+                m = [lm * mi + (1 - lm) * gi for gi, mi in zip(g, self.d, strict=True)]
+            self.pending_d = m
+            return scaled(u, hp["rho"])
         if self.name == "vasso":
             if self.d is None:
                 d = [gi.clone() for gi in g]

@@ -37,7 +37,7 @@ BAD_ARGUMENTS = [
             r"unexpected keyword argument 'eta'",
             r"perturbation 'sam' \(which accepts per_sample, rho, xi\)",
             SGD_ARGS,
-            r"eta is a hyperparameter of 'asam', 'gsam', 'wsam', not of 'sam'",
+            r"eta is a hyperparameter of 'asam', 'fsam', 'gsam', 'wsam', not of 'sam'",
         ],
     ),
     (
@@ -207,7 +207,7 @@ def test_lr_checks_cover_instances_added_groups_and_tensor_lrs():
 
 def test_hyperparameter_of_another_rule_with_a_base_optimizer_instance():
     P = [torch.nn.Parameter(torch.ones(2, dtype=F64))]
-    with pytest.raises(TypeError, match=r"eta is a hyperparameter of 'asam', 'gsam'"):
+    with pytest.raises(TypeError, match=r"eta is a hyperparameter of 'asam', 'fsam', 'gsam'"):
         SharpBilevelOptimizer(base_optimizer=torch.optim.SGD(P, lr=0.1), eta=0.1)
     with pytest.raises(ValueError, match=r"already-built"):  # a base argument: set it there
         SharpBilevelOptimizer(base_optimizer=torch.optim.SGD(P, lr=0.1), momentum=0.9)

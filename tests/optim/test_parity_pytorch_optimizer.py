@@ -104,3 +104,23 @@ def test_wsam_matches_pytorch_optimizers_coupled_form(gamma: float, adaptive: bo
         two_closures=True,
     )
     _assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize(("sigma", "lmbda", "adaptive"), [(1.0, 0.9, False), (0.5, 0.6, True)])
+def test_friendly_sam_matches_pytorch_optimizer(sigma: float, lmbda: float, adaptive: bool) -> None:
+    ours = _ours("fsam", rho=0.05, sigma=sigma, lmbda=lmbda, adaptive=adaptive, xi=1e-12)
+    theirs = _theirs(
+        lambda ps: pytorch_optimizer.FriendlySAM(
+            ps,
+            torch.optim.SGD,
+            rho=0.05,
+            sigma=sigma,
+            lmbda=lmbda,
+            adaptive=adaptive,
+            perturb_eps=1e-12,
+            lr=LR,
+            momentum=MOMENTUM,
+        ),
+        two_closures=False,
+    )
+    _assert_close(ours, theirs)

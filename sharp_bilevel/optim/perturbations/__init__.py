@@ -15,6 +15,7 @@ name        ascent ``eps``                                               descent
 
 from .asam import ASAM
 from .base import PerturbationRule, RuleState
+from .friendly import FriendlySAM
 from .gsam import GSAM
 from .none import NoPerturbation
 from .registry import (
@@ -33,6 +34,7 @@ __all__ = [
     "GSAM",
     "SAM",
     "WSAM",
+    "FriendlySAM",
     "NoPerturbation",
     "PerturbationRule",
     "RuleState",

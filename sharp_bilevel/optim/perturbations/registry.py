@@ -17,6 +17,7 @@ from typing import Any, TypeVar, overload
 
 from .asam import ASAM
 from .base import PerturbationRule
+from .friendly import FriendlySAM
 from .gsam import GSAM
 from .none import NoPerturbation
 from .sam import SAM
@@ -211,4 +212,5 @@ register_perturbation("asam", ASAM)
 register_perturbation("gsam", GSAM)
 register_perturbation("vasso", VaSSO)
 register_perturbation("wsam", WSAM)
+register_perturbation("fsam", FriendlySAM, aliases=("friendly", "friendly_sam", "friendlysam"))
 register_perturbation("ssam", SmoothedSAM, aliases=("smoothed", "smooth", "smoothed_sam"))
