@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 XI = 1e-12
-ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam")
-TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam")
+ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam", "looksam")
+TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam", "looksam")
 
 
 # ---------------------------------------------------------------------- the objective
@@ -131,9 +131,12 @@ class RefRule:
             "vasso": {"rho": 0.05, "theta": 0.9},
             "wsam": {"rho": 0.05, "gamma": 0.9},
             "fsam": {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
+            "looksam": {"rho": 0.05, "k": 5, "alpha": 0.7},
         }
         self.hp = {**defaults[name], **hp}
         self.d: list[Tensor] | None = None  # VaSSO's moving average
+        self.t = 0  # LookSAM's step count
+        self.gv: list[Tensor] | None = None  # LookSAM's orthogonal direction
 
     @property
     def two_pass(self) -> bool:
@@ -151,7 +154,7 @@ class RefRule:
         """Returns eps and (for VaSSO) a pending state kept in ``self.pending_d``."""
         hp = self.hp
         self.pending_d = self.d
-        if self.name in ("sam", "ssam", "gsam", "wsam"):
+        if self.name in ("sam", "ssam", "gsam", "wsam", "looksam"):
             return scaled(g, self.rho_t(lr))
         if self.name == "asam":
             t = [p.abs() + hp["eta"] for p in phi]
@@ -179,6 +182,24 @@ class RefRule:
 
     def commit(self) -> None:
         self.d = self.pending_d
+        self.t += 1
+
+    def full_step(self) -> bool:
+        """False on LookSAM's steps between its k-steps (one pass)."""
+        return self.name != "looksam" or self.t % self.hp["k"] == 0 or self.gv is None
+
+    def after_descent(self, g: Sequence[Tensor], ga: Sequence[Tensor]) -> None:
+        if self.name == "looksam":  # g_v = g' - (<g, g'> / ||g||^2) g
+            ip = sum((a * b).sum() for a, b in zip(g, ga, strict=True))
+            sq = sum((a * a).sum() for a in g)
+            self.gv = [b - ip / (sq + XI) * a for a, b in zip(g, ga, strict=True)]
+
+    def reuse(self, g: Sequence[Tensor]) -> list[Tensor]:
+        """LookSAM's one-pass direction ``g + alpha ||g|| / ||g_v|| g_v``."""
+        assert self.gv is not None
+        self.pending_d = self.d
+        scale = self.hp["alpha"] * set_norm(g) / (set_norm(self.gv) + XI)
+        return [a + scale * v for a, v in zip(g, self.gv, strict=True)]
 
     def descent(self, g: Sequence[Tensor], ga: Sequence[Tensor]) -> list[Tensor]:
         if self.name == "wsam":  # d = g + gamma / (1 - gamma) (g' - g)
@@ -238,10 +259,14 @@ def reference_run(
             g, gq = objective.grads([p + n for p, n in zip(P, noise, strict=True)], Q)
         else:
             g, gq = objective.grads(P, Q)
-        if rule.two_pass:
+        if rule.two_pass and rule.full_step():
             eps = rule.ascent(P, g, lr)
             ga, gq = objective.grads([p + e for p, e in zip(P, eps, strict=True)], Q)
             d = rule.descent(g, ga)
+            rule.after_descent(g, ga)
+            rule.commit()
+        elif rule.two_pass:
+            d = rule.reuse(g)
             rule.commit()
         else:
             d = g

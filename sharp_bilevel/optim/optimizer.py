@@ -336,9 +336,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 )
                 with torch.no_grad():
                     torch._foreach_add_(perturbed, noise)
+            two_pass = self.perturbation.two_pass and self._wants_second_pass()
             loss = None
             if closure is not None:
-                loss = self._call(closure, ASCENT, scratch, everything, shield)
+                loss = self._call(closure, ASCENT, scratch, everything, shield, two_pass)
             if self.smooth > 0:
                 _copy_into(perturbed, saved)
             self._refuse_sparse_grads()
@@ -355,12 +356,17 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 return self._skip(loss, loss_value, grad_norm, "gate")
 
             new_state, adv_value = self._rule_state, None
-            if self.perturbation.two_pass and closure is not None:
+            if self.perturbation.two_pass and not two_pass:  # e.g. LookSAM between its k-steps
+                with shield.open():
+                    direction, new_state = self._reuse(perturbed, grads)
+                for p, d, had in zip(perturbed, direction, had_grad, strict=True):
+                    p.grad = d if (had or p.grad is not None) else None
+            elif two_pass and closure is not None:
                 with shield.open():
                     eps, new_state = self._ascent(perturbed, grads)
                 with torch.no_grad():
                     torch._foreach_add_(perturbed, eps)
-                perturbed_loss = self._call(closure, DESCENT, scratch, everything, shield)
+                perturbed_loss = self._call(closure, DESCENT, scratch, everything, shield, True)
                 _copy_into(perturbed, saved)
                 self._refuse_sparse_grads()
                 grads_adv = _grads_or_zeros(perturbed)
@@ -373,6 +379,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                     )
                 with shield.open():
                     direction = self._descent(perturbed, grads, grads_adv, new_state)
+                    new_state = self._after_descent(grads, grads_adv, new_state)
                 for p, d, had in zip(perturbed, direction, had_grad, strict=True):
                     p.grad = d if (had or p.grad is not None) else None
 
@@ -466,6 +473,43 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         grad_norm = math.sqrt(sq_norm) if math.isfinite(sq_norm) and sq_norm >= 0 else math.nan
         return loss_value, grad_norm, problem, gate
 
+    def _wants_second_pass(self) -> bool:
+        wanted: object = self.perturbation.wants_second_pass(self._rule_state)
+        if not isinstance(wanted, bool):
+            raise TypeError(
+                f"{type(self.perturbation).__name__}.wants_second_pass() must return True or "
+                f"False, got {_describe(wanted)}"
+            )
+        return wanted
+
+    def _reuse(
+        self, perturbed: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], RuleState]:
+        """The rule's direction for a step without a second pass, checked."""
+        where = f"{type(self.perturbation).__name__}.reuse()"
+        with self._reduction_scope():
+            result: object = self.perturbation.reuse(grads, self._rule_state)
+        if not (isinstance(result, tuple | list) and len(result) == 2):
+            raise TypeError(
+                f"{where} must return a pair (direction, new_state), got {_describe(result)}"
+            )
+        direction, new_state = result
+        if not isinstance(new_state, dict):
+            raise TypeError(f"{where} must return new_state as a dict, got {_describe(new_state)}")
+        return _checked_tensors(where, "the direction", direction, perturbed), new_state
+
+    def _after_descent(
+        self, grads: list[Tensor], grads_adv: list[Tensor], state: RuleState
+    ) -> RuleState:
+        with self._reduction_scope():
+            new_state: object = self.perturbation.after_descent(grads, grads_adv, state)
+        if not isinstance(new_state, dict):
+            raise TypeError(
+                f"{type(self.perturbation).__name__}.after_descent() must return a dict, got "
+                f"{_describe(new_state)}"
+            )
+        return new_state
+
     def _refuse_sparse_grads(self) -> None:
         for i, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
@@ -497,13 +541,14 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         scratch: dict[str, Any],
         params: list[Tensor],
         shield: _SigintShield,
+        two_pass: bool,
     ) -> Any:
         for p in params:
             p.grad = None
         context = StepContext(
             phase=phase,
             step=self.steps_taken,
-            two_pass=self.perturbation.two_pass,
+            two_pass=two_pass,
             smoothed=self.smooth > 0,
             scratch=scratch,
             options=self.closure_options,

@@ -234,8 +234,9 @@ def test_gate_skips_the_step_and_leaves_params_and_base_state_untouched(rule):
 
     # a gate that says no lets the step through
     calls.clear()
+    two = opt.perturbation.two_pass and opt.perturbation.wants_second_pass(opt._rule_state)
     opt.step(counting, skip_if=lambda loss: loss > 1e30)
-    assert calls == (["ascent", "descent"] if rule != "none" else ["ascent"])
+    assert calls == (["ascent", "descent"] if two else ["ascent"])
     assert opt.skipped_steps["gate"] == 1
     assert opt.last_step.skipped is None
     assert opt.steps_taken == 3
@@ -696,6 +697,10 @@ def test_every_rule_in_float32_and_float64(rule, dtype):
     )
     closure = backward_closure(objective, P, Q)
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    if rule == "looksam" and dtype == torch.float32:
+        # g_v = g' - proj_g(g') cancels when g' is close to g: its float32 error is about
+        # eps32 ||g'|| / ||g_v||, and the one-pass steps scale g_v up by ||g|| / ||g_v||
+        tol = {"rtol": 5e-2, "atol": 1e-4}
     for ref_P, ref_Q in expected:
         opt.step(closure)
         for got, want in zip(P + Q, ref_P + ref_Q, strict=True):
@@ -709,9 +714,11 @@ def test_every_rule_in_float32_and_float64(rule, dtype):
         group["lr"] = 0.0
     before = clones(P + Q)
     seen = []
+    two = opt.perturbation.two_pass and opt.perturbation.wants_second_pass(opt._rule_state)
     opt.step(backward_closure(objective, P, Q, seen))
     assert all_equal(P + Q, before)
-    if rule != "none":
+    assert len(seen) == (2 if two else 1)
+    if two:
         assert not all_equal(seen[1]["P"], before[: len(P)])
 
 

@@ -19,9 +19,10 @@ TOLERANCE = 1e-7  # float32 norm accumulation in the reference (see the module d
 STEPS, LR, MOMENTUM = 5, 0.05, 0.9
 
 
-def _problem() -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+def _problem(
+    shapes: tuple[tuple[int, ...], ...] = ((3, 2), (4,)),
+) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    shapes = [(3, 2), (4,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=F64)) for s in shapes]
     targets = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
     return params, targets
@@ -34,8 +35,10 @@ def _loss(params: list[torch.nn.Parameter], targets: list[torch.Tensor]) -> torc
     )
 
 
-def _ours(rule: str, **kwargs: object) -> list[torch.Tensor]:
-    params, targets = _problem()
+def _ours(
+    rule: str, shapes: tuple[tuple[int, ...], ...] = ((3, 2), (4,)), **kwargs: object
+) -> list[torch.Tensor]:
+    params, targets = _problem(shapes)
     opt = SharpBilevelOptimizer(params, perturbation=rule, lr=LR, momentum=MOMENTUM, **kwargs)
 
     def closure() -> torch.Tensor:
@@ -48,8 +51,10 @@ def _ours(rule: str, **kwargs: object) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
-def _theirs(make: object, two_closures: bool) -> list[torch.Tensor]:
-    params, targets = _problem()
+def _theirs(
+    make: object, two_closures: bool, shapes: tuple[tuple[int, ...], ...] = ((3, 2), (4,))
+) -> list[torch.Tensor]:
+    params, targets = _problem(shapes)
     opt = make(params)  # type: ignore[operator]
 
     def closure() -> torch.Tensor:
@@ -65,8 +70,12 @@ def _theirs(make: object, two_closures: bool) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
-def _assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
-    start, _ = _problem()
+def _assert_close(
+    ours: list[torch.Tensor],
+    theirs: list[torch.Tensor],
+    shapes: tuple[tuple[int, ...], ...] = ((3, 2), (4,)),
+) -> None:
+    start, _ = _problem(shapes)
     moved = max(float((a - b.detach()).abs().max()) for a, b in zip(ours, start, strict=True))
     assert moved > 1e-2  # the steps did something
     for a, b in zip(ours, theirs, strict=True):
@@ -124,3 +133,26 @@ def test_friendly_sam_matches_pytorch_optimizer(sigma: float, lmbda: float, adap
         two_closures=False,
     )
     _assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_looksam_matches_pytorch_optimizer_on_one_tensor(k: int) -> None:
+    """pytorch_optimizer projects per tensor and we over the whole set: one tensor makes them
+    the same quantity. Its reuse step adds 1e-8 to ||g_v|| (we add xi): within the tolerance."""
+    shapes = ((4, 3),)
+    ours = _ours("looksam", shapes, rho=0.1, k=k, alpha=0.7, xi=1e-12)
+    theirs = _theirs(
+        lambda ps: pytorch_optimizer.LookSAM(
+            ps,
+            torch.optim.SGD,
+            rho=0.1,
+            k=k,
+            alpha=0.7,
+            perturb_eps=1e-12,
+            lr=LR,
+            momentum=MOMENTUM,
+        ),
+        two_closures=False,
+        shapes=shapes,
+    )
+    _assert_close(ours, theirs, shapes)

@@ -345,3 +345,44 @@ def test_experts_that_do_not_move_name_the_likely_cause() -> None:
     w = torch.randn(5)
     with pytest.raises(ValueError, match=r"buffer\.py on the CPU.*live tensor"):
         matching_loss(w + 1, w.clone(), w.clone())
+
+
+def test_looksam_costs_one_unroll_between_its_k_steps() -> None:
+    """With trajectory matching, LookSAM's steps between its k-steps run one unroll (no
+    second pass, no TR record); k = 1 is SAM exactly."""
+    from sharp_bilevel import SharpBilevelOptimizer, TrajectoryMatching, UnrollSettings, get_network
+
+    net = get_network("ConvNet", 1, 3, (8, 8), width=4, seed=0)
+    w0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    target = w0 + 0.01 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(rule: str, **kw: object) -> tuple[torch.Tensor, list[bool]]:
+        images = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        images.requires_grad_(True)
+        syn_lr = torch.tensor(0.01, requires_grad=True)
+        opt = SharpBilevelOptimizer(
+            [{"params": [images]}, {"params": [syn_lr], "perturb": False, "lr": 1e-5}],
+            perturbation=rule, lr=10.0, momentum=0.5,
+            closure_options={"unroll": UnrollSettings.satm(keep=2)}, **kw,
+        )  # fmt: skip
+        passes: list[bool] = []
+        for step in range(6):
+            inner = TrajectoryMatching(
+                net, images, syn_lr, torch.arange(6) % 3, expert_start=w0,
+                expert_target=target, syn_steps=4, seed=step,
+            )  # fmt: skip
+
+            def closure(ctx, inner=inner):  # type: ignore[no-untyped-def]
+                passes.append(ctx.is_descent)
+                return inner(ctx)
+
+            opt.step(closure)
+        return images.detach(), passes
+
+    _, passes = run("looksam", rho=0.05, k=3)
+    descents = [i for i, d in enumerate(passes) if d]
+    assert len(passes) == 6 + 2  # two full steps (0 and 3), four single-pass steps
+    assert len(descents) == 2
+    sam, _ = run("sam", rho=0.05)
+    look1, _ = run("looksam", rho=0.05, k=1)
+    assert torch.equal(sam, look1)

@@ -17,6 +17,7 @@ from .asam import ASAM
 from .base import PerturbationRule, RuleState
 from .friendly import FriendlySAM
 from .gsam import GSAM
+from .looksam import LookSAM
 from .none import NoPerturbation
 from .registry import (
     available_perturbations,
@@ -35,6 +36,7 @@ __all__ = [
     "SAM",
     "WSAM",
     "FriendlySAM",
+    "LookSAM",
     "NoPerturbation",
     "PerturbationRule",
     "RuleState",

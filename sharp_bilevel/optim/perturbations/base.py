@@ -9,7 +9,10 @@ steps. With ``phi`` the perturbed tensors and ``g`` the gradient of the outer ob
   ``phi`` before the second closure call; ``lr`` is the learning rate of the first perturbed
   parameter group this step (for schedules such as GSAM's);
 * ``descent(grads, grads_adv, state) -> d``: the update direction handed to the base optimizer,
-  from ``g`` and ``g' = grad F(phi + eps)``; the default is ``d = g'`` (SAM and most variants).
+  from ``g`` and ``g' = grad F(phi + eps)``; the default is ``d = g'`` (SAM and most variants);
+* optionally ``wants_second_pass(state)``, ``reuse(grads, state)`` and
+  ``after_descent(grads, grads_adv, state)``: rules that skip the second pass on some steps
+  (LookSAM) and keep state from ``g'``.
 
 The optimizer commits ``new_state`` only when the step is taken, so a skipped step (non-finite
 values, a gate) leaves the rule state as it was.
@@ -63,6 +66,28 @@ class PerturbationRule:
         """Update direction from ``g`` and ``g'``; ``g'`` itself by default."""
         return list(grads_adv)
 
+    def wants_second_pass(self, state: RuleState) -> bool:
+        """Whether this step evaluates the objective at ``phi + eps`` (True by default).
+
+        A rule that answers False on some steps (LookSAM between its ``k``-steps) makes those
+        steps cost one closure call; the optimizer then calls :meth:`reuse` instead of
+        ``ascent``/``descent``.
+        """
+        return True
+
+    def reuse(self, grads: Sequence[Tensor], state: RuleState) -> tuple[list[Tensor], RuleState]:
+        """``(d, new_state)`` of a step without a second pass, from ``g`` alone."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.wants_second_pass() returned False but reuse() is missing"
+        )
+
+    def after_descent(
+        self, grads: Sequence[Tensor], grads_adv: Sequence[Tensor], state: RuleState
+    ) -> RuleState:
+        """The state to commit after a two-pass step, from ``g`` and ``g'`` (unchanged by
+        default); LookSAM keeps the part of ``g'`` orthogonal to ``g`` here."""
+        return state
+
 
 def is_number(value: object) -> bool:
     """A real ``int`` or ``float`` (bools are refused although they are ints)."""
@@ -96,3 +121,9 @@ def check_bool(name: str, value: object) -> None:
     """``value`` must be a bool."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_int_at_least(name: str, value: object, least: int) -> None:
+    """``value`` must be an int (not a bool) >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")

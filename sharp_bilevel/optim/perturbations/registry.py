@@ -19,6 +19,7 @@ from .asam import ASAM
 from .base import PerturbationRule
 from .friendly import FriendlySAM
 from .gsam import GSAM
+from .looksam import LookSAM
 from .none import NoPerturbation
 from .sam import SAM
 from .smoothed import SmoothedSAM
@@ -212,5 +213,6 @@ register_perturbation("asam", ASAM)
 register_perturbation("gsam", GSAM)
 register_perturbation("vasso", VaSSO)
 register_perturbation("wsam", WSAM)
+register_perturbation("looksam", LookSAM, aliases=("look_sam", "lsam"))
 register_perturbation("fsam", FriendlySAM, aliases=("friendly", "friendly_sam", "friendlysam"))
 register_perturbation("ssam", SmoothedSAM, aliases=("smoothed", "smooth", "smoothed_sam"))
