@@ -27,6 +27,7 @@ CASES: dict[str, dict[str, Any]] = {
     "asam": {"perturbation": "asam", "rho": 0.5, "soft": True},
     "gsam": {"perturbation": "gsam", "rho": 0.05, "alpha": 0.4, "soft": True},
     "vasso": {"perturbation": "vasso", "rho": 0.05, "theta": 0.4, "soft": True},
+    "bsam": {"perturbation": "bsam", "rho": 0.05, "num_data": 100.0, "delta": 0.01, "soft": True},
     "satm": {
         "perturbation": "ssam",
         "rho": 0.05,

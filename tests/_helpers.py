@@ -22,8 +22,19 @@ import torch
 from torch import Tensor
 
 XI = 1e-12
-ALL_RULES = ("none", "sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam", "looksam")
-TWO_PASS_RULES = ("sam", "asam", "gsam", "vasso", "ssam", "wsam", "fsam", "looksam")
+TWO_PASS_RULES = (
+    "sam",
+    "asam",
+    "gsam",
+    "vasso",
+    "ssam",
+    "wsam",
+    "fsam",
+    "looksam",
+    "bsam",
+    "gcsam",
+)
+ALL_RULES = ("none", *TWO_PASS_RULES)
 
 
 # ---------------------------------------------------------------------- the objective
@@ -91,6 +102,18 @@ def scaled(ts: Sequence[Tensor], rho: float) -> list[Tensor]:
     return [rho * t / (n + XI) for t in ts]
 
 
+def ref_centralized(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Each row (leading index) of every tensor of more than one dimension minus its mean."""
+    out = []
+    for t in ts:
+        if t.dim() <= 1:
+            out.append(t)
+            continue
+        rows = t.reshape(t.shape[0], -1)
+        out.append((rows - rows.sum(dim=1, keepdim=True) / rows.shape[1]).reshape(t.shape))
+    return out
+
+
 def ref_noise(
     params: Sequence[Tensor],
     gamma: float,
@@ -120,11 +143,13 @@ def ref_noise(
 class RefRule:
     """Hand-written float64 versions of every built-in rule (DESIGN.md section 4)."""
 
-    def __init__(self, name: str, **hp: Any) -> None:
+    def __init__(self, name: str, *, centralize: bool = False, **hp: Any) -> None:
         self.name = name
+        self.centralize = centralize or name == "gcsam"  # the rule sees gc(g) and gc(g')
         defaults: dict[str, dict[str, Any]] = {
             "none": {},
             "sam": {"rho": 0.05},
+            "gcsam": {"rho": 0.05},
             "ssam": {"rho": 0.05, "gamma": 0.01},
             "asam": {"rho": 0.5, "eta": 0.01},
             "gsam": {"rho": 0.05, "alpha": 0.4, "rho_min": None, "lr_min": None, "lr_max": None},
@@ -132,11 +157,32 @@ class RefRule:
             "wsam": {"rho": 0.05, "gamma": 0.9},
             "fsam": {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
             "looksam": {"rho": 0.05, "k": 5, "alpha": 0.7},
+            "bsam": {
+                "rho": 0.05,
+                "num_data": 1e4,
+                "beta1": 0.9,
+                "beta2": 0.999,
+                "delta": 0.0,
+                "damping": 0.1,
+                "s_init": 1.0,
+            },
         }
         self.hp = {**defaults[name], **hp}
         self.d: list[Tensor] | None = None  # VaSSO's moving average
         self.t = 0  # LookSAM's step count
         self.gv: list[Tensor] | None = None  # LookSAM's orthogonal direction
+        self.prec: list[Tensor] | None = None  # Bayesian SAM's precision s (None: s_init)
+        self.mom: list[Tensor] | None = None  # Bayesian SAM's momentum m (None: 0)
+
+    def noise(self, phi: Sequence[Tensor], z: Sequence[Tensor]) -> list[Tensor]:
+        """Bayesian SAM's first-pass point offset ``z / sqrt(N s)``."""
+        s = self.precision(phi)
+        return [zi / torch.sqrt(self.hp["num_data"] * si) for zi, si in zip(z, s, strict=True)]
+
+    def precision(self, phi: Sequence[Tensor]) -> list[Tensor]:
+        if self.prec is None:
+            return [torch.full_like(p, self.hp["s_init"]) for p in phi]
+        return self.prec
 
     @property
     def two_pass(self) -> bool:
@@ -154,8 +200,11 @@ class RefRule:
         """Returns eps and (for VaSSO) a pending state kept in ``self.pending_d``."""
         hp = self.hp
         self.pending_d = self.d
-        if self.name in ("sam", "ssam", "gsam", "wsam", "looksam"):
+        if self.name in ("sam", "ssam", "gsam", "wsam", "looksam", "gcsam"):
             return scaled(g, self.rho_t(lr))
+        if self.name == "bsam":  # eps = rho g / s, elementwise (not normalised)
+            self.phi = [p.clone() for p in phi]
+            return [hp["rho"] * gi / si for gi, si in zip(g, self.precision(phi), strict=True)]
         if self.name == "asam":
             t = [p.abs() + hp["eta"] for p in phi]
             tg = [ti * gi for ti, gi in zip(t, g, strict=True)]
@@ -183,6 +232,8 @@ class RefRule:
     def commit(self) -> None:
         self.d = self.pending_d
         self.t += 1
+        if self.name == "bsam":
+            self.mom, self.prec = self.pending_moments
 
     def full_step(self) -> bool:
         """False on LookSAM's steps between its k-steps (one pass)."""
@@ -202,6 +253,20 @@ class RefRule:
         return [a + scale * v for a, v in zip(g, self.gv, strict=True)]
 
     def descent(self, g: Sequence[Tensor], ga: Sequence[Tensor]) -> list[Tensor]:
+        if self.name == "bsam":
+            # m <- b1 m + (1-b1)(g' + delta phi); s <- b2 s + (1-b2)(sqrt(s)|g| + delta + gamma)
+            hp, s = self.hp, self.precision(self.phi)
+            b1, b2, dl = hp["beta1"], hp["beta2"], hp["delta"]
+            m = self.mom or [torch.zeros_like(p) for p in self.phi]
+            m = [
+                b1 * mi + (1 - b1) * (a + dl * p) for mi, a, p in zip(m, ga, self.phi, strict=True)
+            ]
+            s = [
+                b2 * si + (1 - b2) * (torch.sqrt(si) * gi.abs() + dl + hp["damping"])
+                for si, gi in zip(s, g, strict=True)
+            ]
+            self.pending_moments = (m, s)
+            return [mi / si for mi, si in zip(m, s, strict=True)]
         if self.name == "wsam":  # d = g + gamma / (1 - gamma) (g' - g)
             a = self.hp["gamma"] / (1 - self.hp["gamma"])
             return [x + a * (y - x) for x, y in zip(g, ga, strict=True)]
@@ -254,14 +319,25 @@ def reference_run(
     base = RefHeavyBall(lr, momentum)
     out = []
     for _ in range(steps):
-        if smooth > 0:
-            noise = ref_noise(P, smooth, generator, z_dtypes)
+        noise = ref_noise(P, smooth, generator, z_dtypes) if smooth > 0 else None
+        if rule.name == "bsam":  # its own draws follow the smoothing draws
+            z = [
+                torch.randn(p.shape, generator=generator, dtype=t)
+                for p, t in zip(P, z_dtypes, strict=True)
+            ]
+            own = rule.noise(P, [zi.to(torch.float64) for zi in z])
+            noise = own if noise is None else [a + b for a, b in zip(noise, own, strict=True)]
+        if noise is not None:
             g, gq = objective.grads([p + n for p, n in zip(P, noise, strict=True)], Q)
         else:
             g, gq = objective.grads(P, Q)
+        if rule.centralize:
+            g = ref_centralized(g)
         if rule.two_pass and rule.full_step():
             eps = rule.ascent(P, g, lr)
             ga, gq = objective.grads([p + e for p, e in zip(P, eps, strict=True)], Q)
+            if rule.centralize:
+                ga = ref_centralized(ga)
             d = rule.descent(g, ga)
             rule.after_descent(g, ga)
             rule.commit()

@@ -23,7 +23,8 @@ class StepContext:
         step: number of steps this optimizer has taken before this one.
         two_pass: whether a descent call follows the ascent call in this step (False for
             ``perturbation="none"``): an objective records what the second pass reuses only then.
-        smoothed: whether the ascent call runs at ``phi + Delta`` (SATM smoothing).
+        smoothed: whether the ascent call runs at ``phi + Delta`` (SATM smoothing, or a rule
+            that draws noise such as Bayesian SAM).
         scratch: a dict that lives across the two calls of one step and is new each step: the
             ascent pass leaves state here (e.g. the inner state ``w_tau`` for trajectory reusing)
             for the descent pass to pick up.

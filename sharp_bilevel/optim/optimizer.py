@@ -27,7 +27,8 @@ from .perturbations.registry import (
     owners_hint,
     rule_parameters,
 )
-from .smoothing import smoothing_noise
+from .reductions import centralized
+from .smoothing import smoothing_noise, standard_normal
 
 Closure = Callable[..., Any]
 _STATE_KEY = "sharp_bilevel"
@@ -73,6 +74,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         smooth_per_element: read ``smooth`` in SATM's paper convention, a per-element standard
             deviation relative to the sample norm: ``Delta_j = gamma ||phi_j|| z``
             (``gamma_relative = sqrt(d_j) gamma``).
+        centralize: gradient centralisation for any rule (GCSAM's): the rule sees ``gc(g)`` and
+            ``gc(g')``, each sample's mean removed
+            (`sharp_bilevel.optim.reductions.centralized`); with ``"none"`` the base optimizer
+            steps on ``gc(g)`` (Yong et al.'s GC). Unperturbed groups are left alone.
         nonfinite: ``"raise"`` (default: raise ``NonFiniteError``) or ``"skip"`` (skip the step
             and count it in ``skipped_steps``) when a loss or gradient is NaN or infinite.
         seed: seed of the optimizer's own noise generator, an int in ``[0, 2**63 - 1]`` (drawn
@@ -97,6 +102,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             ``state`` are this optimizer's (a scheduler may drive either).
         perturbation: the ``PerturbationRule`` in use.
         smooth: the smoothing size ``gamma`` in force (0: off).
+        centralize: whether the perturbed parameters' gradients are centralised.
         nonfinite: ``"raise"`` or ``"skip"``.
         steps_taken: steps the base optimizer has taken (skipped steps not counted).
         skipped_steps: ``{"nonfinite": n, "gate": m}``, the steps skipped so far.
@@ -125,6 +131,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         *,
         smooth: float | None = None,
         smooth_per_element: bool = False,
+        centralize: bool = False,
         nonfinite: str = "raise",
         seed: int | None = None,
         closure_options: Mapping[str, Any] | None = None,
@@ -170,6 +177,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 f"smooth_per_element must be True or False, got {smooth_per_element!r}"
             )
         self.smooth_per_element = smooth_per_element
+        if not isinstance(centralize, bool):
+            raise ValueError(f"centralize must be True or False, got {centralize!r}")
+        self.centralize = centralize
         if is_class and "lr" in base_kwargs:
             _check_lr(base_kwargs["lr"], "lr")
         if params is not None and not isinstance(params, Tensor):
@@ -219,7 +229,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             self._layout = RankLayout.build(process_group, self._perturbed_params(), flags)
 
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item()) if self.smooth > 0 else 0
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if self._draws_noise else 0
         self._noise_generator = torch.Generator(device="cpu")
         self._noise_generator.manual_seed(int(seed))
         self.closure_options: Mapping[str, Any] = MappingProxyType(dict(closure_options or {}))
@@ -297,7 +307,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 when it returns True the step is skipped with nothing perturbed left behind and
                 counted in ``skipped_steps["gate"]``.
         """
-        if closure is None and (self.perturbation.two_pass or self.smooth > 0):
+        if closure is None and (self.perturbation.two_pass or self._draws_noise):
             raise ValueError(
                 "step() needs a closure: the perturbation evaluates the objective twice"
             )
@@ -314,7 +324,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         perturbed = self._perturbed_params()
         everything = self._all_params()
         saved = [p.detach().clone() for p in perturbed]
-        rng = self._noise_generator.get_state() if self.smooth > 0 else None
+        rng = self._noise_generator.get_state() if self._draws_noise else None
         scratch: dict[str, Any] = {}
         stepped = False
         try:
@@ -323,24 +333,13 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                     "an earlier step failed and shut the process group down; build a new group "
                     "and optimizer to go on"
                 )
-            if self.smooth > 0:
-                rows = None
-                if self._layout is not None:
-                    rows = [self._layout.noise_rows(k) for k in range(len(perturbed))]
-                noise = smoothing_noise(
-                    perturbed,
-                    self.smooth,
-                    self._noise_generator,
-                    rows,
-                    per_element=self.smooth_per_element,
-                )
-                with torch.no_grad():
-                    torch._foreach_add_(perturbed, noise)
+            if self._draws_noise:
+                self._add_first_pass_noise(perturbed)
             two_pass = self.perturbation.two_pass and self._wants_second_pass()
             loss = None
             if closure is not None:
                 loss = self._call(closure, ASCENT, scratch, everything, shield, two_pass)
-            if self.smooth > 0:
+            if self._draws_noise:
                 _copy_into(perturbed, saved)
             self._refuse_sparse_grads()
             grads = _grads_or_zeros(perturbed)
@@ -354,6 +353,11 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 )
             if gate:
                 return self._skip(loss, loss_value, grad_norm, "gate")
+            if self.centralize:
+                grads = centralized(grads)
+                if not self.perturbation.two_pass:  # GC of the plain step
+                    for p, g, had in zip(perturbed, grads, had_grad, strict=True):
+                        p.grad = g if had else None
 
             new_state, adv_value = self._rule_state, None
             if self.perturbation.two_pass and not two_pass:  # e.g. LookSAM between its k-steps
@@ -377,6 +381,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                     return self._skip_nonfinite(
                         loss, loss_value, grad_norm, f"{problem} in the descent pass"
                     )
+                if self.centralize:
+                    grads_adv = centralized(grads_adv)
                 with shield.open():
                     direction = self._descent(perturbed, grads, grads_adv, new_state)
                     new_state = self._after_descent(grads, grads_adv, new_state)
@@ -409,6 +415,38 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         finally:
             if not stepped:
                 _copy_into(perturbed, saved)
+
+    @property
+    def _draws_noise(self) -> bool:
+        return self.smooth > 0 or self.perturbation.draws_noise
+
+    def _add_first_pass_noise(self, perturbed: list[Tensor]) -> None:
+        """``phi <- phi + Delta`` for the first pass: SATM's smoothing noise, then the rule's
+        own (Bayesian SAM), both from the seeded generator."""
+        rows = None
+        if self._layout is not None:
+            rows = [self._layout.noise_rows(k) for k in range(len(perturbed))]
+        parts = []
+        if self.smooth > 0:
+            parts.append(
+                smoothing_noise(
+                    perturbed,
+                    self.smooth,
+                    self._noise_generator,
+                    rows,
+                    per_element=self.smooth_per_element,
+                )
+            )
+        if self.perturbation.draws_noise:
+            z = standard_normal(perturbed, self._noise_generator, rows)
+            where = f"{type(self.perturbation).__name__}.first_pass_noise()"
+            noise = self.perturbation.first_pass_noise(
+                [p.detach() for p in perturbed], z, self._rule_state
+            )
+            parts.append(_checked_tensors(where, "the noise", noise, perturbed))
+        with torch.no_grad():
+            for noise in parts:
+                torch._foreach_add_(perturbed, noise)
 
     def _ascent(
         self, perturbed: list[Tensor], grads: list[Tensor]
@@ -549,7 +587,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             phase=phase,
             step=self.steps_taken,
             two_pass=two_pass,
-            smoothed=self.smooth > 0,
+            smoothed=self._draws_noise,
             scratch=scratch,
             options=self.closure_options,
         )

@@ -70,3 +70,20 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor], per_sample: bool) -> list[Tens
 def norm(a: Sequence[Tensor], per_sample: bool) -> list[Tensor]:
     """Euclidean norm ``||a||_2`` over the set (or per sample)."""
     return [s.sqrt() for s in dot(a, a, per_sample)]
+
+
+def centralized(grads: Sequence[Tensor]) -> list[Tensor]:
+    r"""Gradient centralisation (Yong et al., 2020): each sample's mean removed.
+
+    $$
+    \operatorname{gc}(g)_j = g_j - \frac{1}{d_j} \sum_{i} (g_j)_i
+    $$
+
+    for every tensor with more than one dimension (sample $j$ is a slice along the leading
+    dimension, of $d_j$ elements: one synthetic image, one output channel of a weight); vectors
+    and scalars are returned unchanged. Each sample is its own, so a sharded set needs no
+    communication.
+    """
+    return [
+        g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True) if g.dim() > 1 else g for g in grads
+    ]

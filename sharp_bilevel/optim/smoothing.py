@@ -42,15 +42,33 @@ def smoothing_noise(
     in one process).
     """
     norms = norm([p.detach() for p in params], per_sample=True)
-    where = list(rows) if rows is not None else [None] * len(params)
     noise = []
-    for p, n, shard in zip(params, norms, where, strict=True):
+    for p, n, z in zip(params, norms, standard_normal(params, generator, rows), strict=True):
         per_sample = p.numel() // p.shape[0] if p.dim() > 0 else 1
+        scale = gamma if per_element else gamma / math.sqrt(per_sample)
+        noise.append(scale * n * z)
+    return noise
+
+
+def standard_normal(
+    params: Sequence[Tensor],
+    generator: torch.Generator,
+    rows: Sequence[tuple[int, int] | None] | None = None,
+) -> list[Tensor]:
+    """One ``N(0, I)`` draw shaped like each tensor, in its dtype and on its device.
+
+    ``z`` is drawn on the CPU ``generator`` with one ``randn`` per tensor, in order, in the
+    tensor's dtype (float32 for other than float32/float64), so a seed gives the same draws on
+    every device; ``rows`` as in `smoothing_noise` (sharded tensors get their slice of a draw
+    for the whole set).
+    """
+    where = list(rows) if rows is not None else [None] * len(params)
+    draws = []
+    for p, shard in zip(params, where, strict=True):
         draw_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
         shape = p.shape if shard is None else (shard[1], *p.shape[1:])
         z = torch.randn(shape, generator=generator, dtype=draw_dtype)
         if shard is not None:
             z = z[shard[0] : shard[0] + p.shape[0]]
-        scale = gamma if per_element else gamma / math.sqrt(per_sample)
-        noise.append(scale * n * z.to(p.device, p.dtype))
-    return noise
+        draws.append(z.to(p.device, p.dtype))
+    return draws

@@ -49,7 +49,9 @@ def _groups(P, Q, **extra):
 
 
 def _rule_kwargs(rule: str) -> dict:
-    return {"smooth": 0.01, "seed": 7} if rule == "ssam" else {}
+    if rule == "ssam":
+        return {"smooth": 0.01, "seed": 7}
+    return {"seed": 7} if rule == "bsam" else {}
 
 
 # ---------------------------------------------------------------------- 1. uni-level checks
@@ -167,6 +169,81 @@ def test_every_rule_matches_float64_reference(rule):
         opt.step(closure)
         for got, want in zip(P + Q, ref_P + ref_Q, strict=True):
             torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("smooth", [0.0, 0.05])
+def test_bsam_with_a_prior_and_smoothing_matches_float64_reference(smooth):
+    """Bayesian SAM's prior term and its noise drawn after SATM's (both from one seed)."""
+    P, Q, objective = _problem()
+    P0, Q0 = clones(P), clones(Q)
+    hp = {"rho": 0.2, "num_data": 50.0, "delta": 0.3, "damping": 0.05, "beta2": 0.9}
+    opt = SharpBilevelOptimizer(
+        _groups(P, Q), perturbation="bsam", lr=0.05, smooth=smooth, seed=3, **hp
+    )
+    expected = reference_run(
+        RefRule("bsam", **hp), objective, P0, Q0, 6, lr=0.05, smooth=smooth, seed=3
+    )
+    closure = backward_closure(objective, P, Q)
+    for ref_P, ref_Q in expected:
+        opt.step(closure)
+        for got, want in zip(P + Q, ref_P + ref_Q, strict=True):
+            torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    state = opt.state_dict()["sharp_bilevel"]["rule_state"]
+    assert sorted(state) == ["m", "s"]  # no transient entry (the prior term) left behind
+    assert all(bool((s > 0).all()) for s in state["s"])
+
+
+@pytest.mark.parametrize("rule", ["none", "asam", "gsam", "vasso", "looksam", "bsam"])
+def test_centralize_option_matches_float64_reference(rule):
+    """``centralize=True``: every rule sees gc(g) and gc(g'); "none" steps on gc(g)."""
+    P, Q, objective = _problem()
+    P0, Q0 = clones(P), clones(Q)
+    hp = {"k": 2} if rule == "looksam" else {}
+    opt = SharpBilevelOptimizer(
+        _groups(P, Q), perturbation=rule, lr=0.05, momentum=0.9, centralize=True, seed=7, **hp
+    )
+    ref = RefRule(rule, centralize=True, **hp)
+    expected = reference_run(ref, objective, P0, Q0, 5, lr=0.05, momentum=0.9, seed=7)
+    plain = reference_run(RefRule(rule, **hp), objective, P0, Q0, 5, lr=0.05, momentum=0.9, seed=7)
+    closure = backward_closure(objective, P, Q)
+    for ref_P, ref_Q in expected:
+        opt.step(closure)
+        for got, want in zip(P + Q, ref_P + ref_Q, strict=True):
+            torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    assert (expected[-1][0][0] - plain[-1][0][0]).abs().max() > 1e-6  # it changed something
+
+
+def test_gcsam_is_sam_with_centralize():
+    runs = []
+    for kwargs in ({"perturbation": "gcsam"}, {"perturbation": "sam", "centralize": True}):
+        P, Q, _ = _problem()
+        objective = _problem()[2]
+        opt = SharpBilevelOptimizer(_groups(P, Q), lr=0.05, momentum=0.9, **kwargs)
+        for _ in range(4):
+            opt.step(backward_closure(objective, P, Q))
+        runs.append(clones(P + Q))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
+def test_bsam_noise_has_variance_one_over_n_s():
+    """The first pass runs at phi + Delta with Var(Delta) = 1 / (N s): measured on many draws."""
+    phi = torch.nn.Parameter(torch.zeros(20000, dtype=F64))
+    opt = SharpBilevelOptimizer([phi], perturbation="bsam", lr=0.0, num_data=400.0, seed=1)
+    opt._rule_state["s"] = [torch.full_like(phi, 4.0)]  # s = 4: Var = 1 / 1600
+    seen = []
+
+    def closure(ctx):
+        if ctx.is_ascent:
+            seen.append(phi.detach().clone())
+        loss = (phi**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    var = float(seen[0].var())
+    assert abs(var * 1600 - 1) < 0.05  # 20000 draws: the sample variance is within ~2%
+    assert abs(float(seen[0].mean())) < 4 * (1 / 40) / 20000**0.5
 
 
 def test_rules_really_differ_on_the_reference_problem():

@@ -156,3 +156,50 @@ def test_looksam_matches_pytorch_optimizer_on_one_tensor(k: int) -> None:
         shapes=shapes,
     )
     _assert_close(ours, theirs, shapes)
+
+
+def test_gcsam_ascent_matches_pytorch_optimizers_use_gc_direction() -> None:
+    """pytorch_optimizer's ``SAM(use_gc=True)`` centralises the ascent gradient but divides by
+    the raw gradient's norm, ``rho gc(g) / ||g||``; GCSAM's paper (and we) divide by
+    ``||gc(g)||``. Same direction: their ascent point equals ours at ``rho ||gc(g)|| / ||g||``."""
+    shapes = ((3, 4), (5,), (2, 3, 2))
+    rho = 0.2
+    params, targets = _problem(shapes)
+    loss = _loss(params, targets)
+    grads = torch.autograd.grad(loss, params)
+    gc = [
+        g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True) if g.dim() > 1 else g for g in grads
+    ]
+    ratio = float(
+        torch.sqrt(sum((g**2).sum() for g in gc)) / torch.sqrt(sum((g**2).sum() for g in grads))
+    )
+    assert ratio < 0.99  # the centralisation changed the norm: the test can tell the two apart
+
+    def ascent_point(opt_and_step: object) -> list[torch.Tensor]:
+        ps, ts = _problem(shapes)
+        seen: list[list[torch.Tensor]] = []
+
+        def closure() -> torch.Tensor:
+            for p in ps:
+                p.grad = None
+            seen.append([p.detach().clone() for p in ps])
+            value = _loss(ps, ts)
+            value.backward()
+            return value
+
+        opt_and_step(ps, closure)  # type: ignore[operator]
+        return seen[-1]  # the second pass: phi + eps
+
+    def theirs(ps: list[torch.nn.Parameter], closure: object) -> None:
+        opt = pytorch_optimizer.SAM(
+            ps, torch.optim.SGD, rho=rho, use_gc=True, perturb_eps=1e-12, lr=LR
+        )
+        closure()  # type: ignore[operator]
+        opt.step(closure)
+
+    def ours(ps: list[torch.nn.Parameter], closure: object) -> None:
+        opt = SharpBilevelOptimizer(ps, perturbation="gcsam", rho=rho * ratio, xi=1e-12, lr=LR)
+        opt.step(closure)
+
+    for a, b in zip(ascent_point(ours), ascent_point(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=TOLERANCE, atol=TOLERANCE)

@@ -10,12 +10,18 @@ name        ascent ``eps``                                               descent
 ``vasso``   ``rho d / (||d|| + xi)``, ``d <- (1-theta) d + theta g``     ``g'``
 ``ssam``    SAM, gradient taken at ``phi + Delta`` (SATM smoothing)      ``g'``
 ``wsam``    as SAM                                                       ``g + a (g' - g)``
+``fsam``    ``rho u / (||u|| + xi)``, ``u = g - sigma m``                ``g'``
+``looksam`` SAM every ``k`` steps                                        ``g'`` / reused
+``bsam``    ``rho g / s``, ``g`` at ``phi + Delta``                      ``m / s``
+``gcsam``   SAM on ``gc(g)``                                             ``gc(g')``
 ==========  ==========================================================  ===================
 """
 
 from .asam import ASAM
 from .base import PerturbationRule, RuleState
+from .bsam import BayesianSAM
 from .friendly import FriendlySAM
+from .gcsam import GCSAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .none import NoPerturbation
@@ -32,9 +38,11 @@ from .wsam import WSAM
 
 __all__ = [
     "ASAM",
+    "GCSAM",
     "GSAM",
     "SAM",
     "WSAM",
+    "BayesianSAM",
     "FriendlySAM",
     "LookSAM",
     "NoPerturbation",

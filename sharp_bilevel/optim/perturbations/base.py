@@ -12,7 +12,10 @@ steps. With ``phi`` the perturbed tensors and ``g`` the gradient of the outer ob
   from ``g`` and ``g' = grad F(phi + eps)``; the default is ``d = g'`` (SAM and most variants);
 * optionally ``wants_second_pass(state)``, ``reuse(grads, state)`` and
   ``after_descent(grads, grads_adv, state)``: rules that skip the second pass on some steps
-  (LookSAM) and keep state from ``g'``.
+  (LookSAM) and keep state from ``g'``;
+* optionally ``draws_noise = True`` and ``first_pass_noise(params, z, state)``: rules whose
+  first pass runs at a random point ``phi + Delta`` (Bayesian SAM), ``Delta`` built from
+  standard normal draws ``z`` of the optimizer's seeded generator.
 
 The optimizer commits ``new_state`` only when the step is taken, so a skipped step (non-finite
 values, a gate) leaves the rule state as it was.
@@ -36,6 +39,8 @@ class PerturbationRule:
 
     #: Rules whose ``two_pass`` is False ("none") make the optimizer call the closure once.
     two_pass: ClassVar[bool] = True
+    #: Rules whose first pass runs at ``phi + first_pass_noise(...)`` (Bayesian SAM).
+    draws_noise: ClassVar[bool] = False
     #: Hyperparameters the registry accepts for this rule and drops with a warning.
     ignored_hyperparameters: ClassVar[frozenset[str]] = frozenset()
 
@@ -65,6 +70,15 @@ class PerturbationRule:
     ) -> list[Tensor]:
         """Update direction from ``g`` and ``g'``; ``g'`` itself by default."""
         return list(grads_adv)
+
+    def first_pass_noise(
+        self, params: Sequence[Tensor], z: Sequence[Tensor], state: RuleState
+    ) -> list[Tensor]:
+        """``Delta`` added to ``phi`` for the first pass (only when ``draws_noise``), from
+        standard normal draws ``z`` shaped like ``params``; removed again before the ascent."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.draws_noise is True but first_pass_noise() is missing"
+        )
 
     def wants_second_pass(self, state: RuleState) -> bool:
         """Whether this step evaluates the objective at ``phi + eps`` (True by default).

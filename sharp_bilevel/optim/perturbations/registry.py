@@ -17,7 +17,9 @@ from typing import Any, TypeVar, overload
 
 from .asam import ASAM
 from .base import PerturbationRule
+from .bsam import BayesianSAM
 from .friendly import FriendlySAM
+from .gcsam import GCSAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .none import NoPerturbation
@@ -213,6 +215,8 @@ register_perturbation("asam", ASAM)
 register_perturbation("gsam", GSAM)
 register_perturbation("vasso", VaSSO)
 register_perturbation("wsam", WSAM)
+register_perturbation("bsam", BayesianSAM, aliases=("bayesian_sam", "bayes_sam"))
+register_perturbation("gcsam", GCSAM, aliases=("gc_sam",))
 register_perturbation("looksam", LookSAM, aliases=("look_sam", "lsam"))
 register_perturbation("fsam", FriendlySAM, aliases=("friendly", "friendly_sam", "friendlysam"))
 register_perturbation("ssam", SmoothedSAM, aliases=("smoothed", "smooth", "smoothed_sam"))
