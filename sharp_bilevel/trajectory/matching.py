@@ -9,13 +9,16 @@ from torch import Tensor, nn
 
 from ..optim.context import StepContext
 from .hypergradient import UnrollSettings, first_order_lr_grad
-from .inner import InnerOptimizer
+from .inner import InnerOptimizer, PlainSGD
+from .selection import ParameterSelection
 from .sharded import Shard
 from .step_plan import Augmentation, StepPlan
 from .student import Student, as_student
-from .unroll import UnrollResult, matching_loss, unroll
+from .tesla import tesla_backward, tesla_forward
+from .unroll import UnrollResult, _InnerProblem, matching_loss, unroll
 
 _TR_KEY = "trajectory_reuse"
+_MATCH_STEPS = ("final", "closest")
 
 
 class TrajectoryMatching:
@@ -61,6 +64,16 @@ class TrajectoryMatching:
             every rank) indexes all ``shard.total`` samples, every rank follows the same
             trajectory and gets the exact gradient of its own rows (see
             `sharp_bilevel.trajectory.sharded`).
+        selection: PAD's parameter selection in the matching loss
+            (`sharp_bilevel.trajectory.selection.ParameterSelection`); None compares all.
+        match_step: ``"final"`` (``w_N``, MTT) or ``"closest"`` (ATT: the kept step's ``w_i``
+            nearest to ``w*_{t+M}`` in L1 distance; no memory beyond the unroll's own graph,
+            but the steps after it are computed for nothing).
+        fixed_images: SelMatch-style partial updates: samples that join every inner step's
+            pool but are neither learned nor perturbed (they are not parameters). The inner
+            set is ``cat([images, fixed_images])``; the plan indexes both.
+        fixed_labels: their labels (hard, or logits with ``soft_labels``); required with
+            ``fixed_images``.
     """
 
     def __init__(
@@ -81,8 +94,20 @@ class TrajectoryMatching:
         generator: torch.Generator | None = None,
         seed: int | None = None,
         shard: Shard | None = None,
+        selection: ParameterSelection | None = None,
+        match_step: str = "final",
+        fixed_images: Tensor | None = None,
+        fixed_labels: Tensor | None = None,
     ) -> None:
         self.student = as_student(student)
+        if match_step not in _MATCH_STEPS:
+            raise ValueError(f"match_step must be one of {_MATCH_STEPS}, got {match_step!r}")
+        if selection is not None and not isinstance(selection, ParameterSelection):
+            raise TypeError(f"selection must be a ParameterSelection or None, got {selection!r}")
+        if (fixed_images is None) != (fixed_labels is None):
+            raise ValueError("fixed_images and fixed_labels go together: give both or neither")
+        if fixed_images is not None and shard is not None:
+            raise ValueError("fixed_images cannot be combined with shard (shard the set instead)")
         if images.dim() < 2:
             raise ValueError(
                 f"images must be [n, ...] with n samples, got shape {tuple(images.shape)}"
@@ -96,6 +121,21 @@ class TrajectoryMatching:
         if tuple(labels.shape) != expected or (labels.dim() != (2 if soft_labels else 1)):
             kind = "logits [n, classes]" if soft_labels else "hard labels [n]"
             raise ValueError(f"labels must be {kind} with n={n}, got shape {tuple(labels.shape)}")
+        if fixed_images is not None and fixed_labels is not None:
+            if tuple(fixed_images.shape[1:]) != tuple(images.shape[1:]):
+                raise ValueError(
+                    f"fixed_images must be [m, {', '.join(map(str, images.shape[1:]))}] like the "
+                    f"learnable images, got shape {tuple(fixed_images.shape)}"
+                )
+            m = fixed_images.shape[0]
+            want = (m, labels.shape[-1]) if soft_labels else (m,)
+            if tuple(fixed_labels.shape) != want:
+                raise ValueError(
+                    f"fixed_labels must have shape {want}, got {tuple(fixed_labels.shape)}"
+                )
+            fixed_images, fixed_labels = fixed_images.detach(), fixed_labels.detach()
+        self.fixed_images, self.fixed_labels = fixed_images, fixed_labels
+        self.selection, self.match_step = selection, match_step
         self.images, self.syn_lr, self.labels = images, syn_lr, labels
         self.soft_labels = soft_labels
         dtype = self.student.dtype
@@ -107,8 +147,11 @@ class TrajectoryMatching:
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.shard = shard
+        self._generator = generator
+        self._window_draw: float | None = None
+        pool = n if fixed_images is None else n + fixed_images.shape[0]
         self.plan = StepPlan.mtt(
-            n if shard is None else shard.total,
+            pool if shard is None else shard.total,
             syn_steps,
             batch_syn,
             generator=generator,
@@ -116,6 +159,8 @@ class TrajectoryMatching:
             augmentation=augmentation,
         )
         self.last_unroll: UnrollResult | None = None
+        #: ``(iota, tau)`` of the latest call (``iota`` drawn once with a random window).
+        self.last_window: tuple[int, int | None] | None = None
 
     def _flat(self, value: Tensor | Sequence[Tensor], name: str) -> Tensor:
         if isinstance(value, Tensor) and value.dim() == 1:
@@ -152,8 +197,16 @@ class TrajectoryMatching:
                 "lower the lr of its group"
             )
         settings = self.resolve_settings(ctx)
-        iota, tau = settings.resolve(self.plan.num_steps)
+        if settings.random_window and self._window_draw is None:
+            u = torch.rand((), generator=self._generator, dtype=torch.float64)
+            self._window_draw = float(u)  # drawn once: both passes and a restart share it
+        iota, tau = settings.resolve(self.plan.num_steps, self._window_draw)
+        self.last_window = (iota, tau)
         first_order = settings.lr_gradient == "first_order"
+        images, labels = self._inner_set()
+        closest_to = self.expert_target if self.match_step == "closest" else None
+        if settings.hypergradient == "tesla":
+            return self._tesla(ctx, iota, tau, images, labels, closest_to)
         common = dict(
             soft_targets=self.soft_labels,
             augmentation=self.augmentation,
@@ -161,6 +214,7 @@ class TrajectoryMatching:
             lr_in_graph=not first_order,
             inner=self.inner,
             shard=self.shard,
+            closest_to=closest_to,
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         if tau is not None and saved is not None:
@@ -168,22 +222,22 @@ class TrajectoryMatching:
             result = unroll(
                 self.student,
                 w_tau,
-                self.images,
-                self.labels,
+                images,
+                labels,
                 self.syn_lr,
                 self.plan,
                 start_step=tau,
                 start_state=state_tau,
                 **common,  # type: ignore[arg-type]
             )
-            directions = before + result.direction_sum
+            directions = before + self._directions(result)
         else:
             record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
             result = unroll(
                 self.student,
                 self.expert_start,
-                self.images,
-                self.labels,
+                images,
+                labels,
                 self.syn_lr,
                 self.plan,
                 record_at=tau if record else None,
@@ -195,15 +249,17 @@ class TrajectoryMatching:
                     result.recorded_state,
                     result.direction_sum_before,
                 )
-            directions = result.direction_sum
-        loss = matching_loss(result.final, self.expert_target, self.expert_start)
+            directions = self._directions(result)
+        matched = result.final if closest_to is None else result.closest
+        assert matched is not None
+        loss = matching_loss(matched, self.expert_target, self.expert_start, self.selection)
         # Gradients only for the outer variables (and w_N for the first-order lr): none is
         # wasted on the detached start of the graph (w_0, w_iota or w_tau).
         leaves = [t for t in (self.images, self.labels) if t.requires_grad]
         if not first_order and self.syn_lr.requires_grad:
             leaves.append(self.syn_lr)
         wants_lr = first_order and self.syn_lr.requires_grad
-        targets = [*leaves, result.final] if wants_lr else list(leaves)
+        targets = [*leaves, matched] if wants_lr else list(leaves)
         if self.shard is not None and result.graph_start is not None:
             # Every rank must run every backward collective, whichever of its inputs need them.
             targets.append(result.graph_start)
@@ -216,6 +272,95 @@ class TrajectoryMatching:
             self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
         self.last_unroll = result
         return loss.detach()
+
+    def _tesla(
+        self,
+        ctx: StepContext | None,
+        iota: int,
+        tau: int | None,
+        images: Tensor,
+        labels: Tensor,
+        closest_to: Tensor | None,
+    ) -> Tensor:
+        """The objective with TESLA's hypergradient (`sharp_bilevel.trajectory.tesla`)."""
+        if self.inner is not None and not isinstance(self.inner, PlainSGD):
+            raise ValueError(
+                f"hypergradient='tesla' assumes plain SGD inside (w <- w - alpha g), got inner="
+                f"{self.inner!r}; use hypergradient='bptt' with another inner optimizer"
+            )
+        if self.shard is not None:
+            raise ValueError("hypergradient='tesla' does not support a sharded set yet")
+        problem = _InnerProblem(
+            self.student,
+            self.student.fresh_buffers(),
+            images,
+            labels,
+            self.augmentation,
+            self.soft_labels,
+            None,
+        )
+        saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
+        record = False
+        if tau is not None and saved is not None:
+            start, start_state, before = saved
+            start_step = tau
+        else:
+            start, start_state, before, start_step = self.expert_start, None, None, 0
+            record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
+        trajectory = tesla_forward(
+            problem,
+            start,
+            self.syn_lr,
+            self.plan,
+            first_term=max(iota, start_step),
+            start_step=start_step,
+            start_state=start_state,
+            record_at=tau if record else None,
+            closest_to=closest_to,
+        )
+        result = trajectory.result
+        if record and ctx is not None:
+            ctx.scratch[_TR_KEY] = (
+                result.recorded,
+                result.recorded_state,
+                result.direction_sum_before,
+            )
+        matched = result.final if closest_to is None else result.closest
+        stop = self.plan.num_steps if closest_to is None else result.closest_step
+        assert matched is not None
+        assert stop is not None
+        directions = self._directions(result)
+        if before is not None:
+            directions = before + directions
+        with torch.enable_grad():
+            point = matched.detach().requires_grad_(True)
+            loss = matching_loss(point, self.expert_target, self.expert_start, self.selection)
+            (v,) = torch.autograd.grad(loss, [point])
+        leaves = [t for t in (self.images, self.labels) if t.requires_grad]
+        parts = tesla_backward(problem, trajectory, self.plan, self.syn_lr, v, leaves, stop)
+        for leaf, grad in zip(leaves, parts, strict=True):
+            if grad is not None:
+                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        if self.syn_lr.requires_grad:
+            value = first_order_lr_grad(v, directions)
+            self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
+        self.last_unroll = result
+        return loss.detach()
+
+    def _inner_set(self) -> tuple[Tensor, Tensor]:
+        """The inner loop's images and labels: the learnable ones, then the fixed ones."""
+        if self.fixed_images is None or self.fixed_labels is None:
+            return self.images, self.labels
+        fixed_images = self.fixed_images.to(self.images.device, self.images.dtype)
+        fixed_labels = self.fixed_labels.to(self.labels.device, self.labels.dtype)
+        return torch.cat([self.images, fixed_images]), torch.cat([self.labels, fixed_labels])
+
+    def _directions(self, result: UnrollResult) -> Tensor:
+        """``sum u_i`` up to the matched point (``w_N``, or ATT's ``w_i``)."""
+        if self.match_step == "closest":
+            assert result.closest_direction_sum is not None
+            return result.closest_direction_sum
+        return result.direction_sum
 
 
 def check_window(num_snapshots: int, start_epoch: int, expert_epochs: int) -> None:

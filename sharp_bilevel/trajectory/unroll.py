@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .inner import InnerOptimizer, PlainSGD, detach_state
+from .selection import ParameterSelection
 from .sharded import Shard, check_shardable, copy_to_ranks, reduce_from_ranks
 from .step_plan import Augmentation, StepPlan
 from .student import Student
@@ -45,6 +46,10 @@ class UnrollResult:
         graph_start: the leaf ``w`` where the graph begins (``w_iota``, or ``start`` when this
             call began inside the graph); a sharded backward asks for its gradient so every rank
             runs every collective.
+        closest: with ``closest_to``, the ``w_i`` (with graph) of the kept steps nearest to it in
+            L1 distance (ATT's choice; ties go to the later step), else None.
+        closest_step: its index ``i`` (``w_i`` is the point after ``i`` inner steps).
+        closest_direction_sum: ``sum u_j`` over this call's steps before ``closest_step``.
     """
 
     final: Tensor
@@ -53,6 +58,9 @@ class UnrollResult:
     recorded_state: Any = None
     direction_sum_before: Tensor | None = None
     graph_start: Tensor | None = None
+    closest: Tensor | None = None
+    closest_step: int | None = None
+    closest_direction_sum: Tensor | None = None
 
 
 def inner_loss(logits: Tensor, targets: Tensor, soft: bool) -> Tensor:
@@ -81,6 +89,7 @@ def unroll(
     inner: InnerOptimizer | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     shard: Shard | None = None,
+    closest_to: Tensor | None = None,
 ) -> UnrollResult:
     r"""Run inner steps ``start_step..N-1`` of ``plan`` from ``start``:
 
@@ -110,6 +119,8 @@ def unroll(
         shard: this rank's part of a set sharded over ranks (`sharded`): ``images`` and
             ``targets`` hold its rows only, the plan indexes the whole set, and each step's
             gradient is summed over ranks so every rank follows the same trajectory.
+        closest_to: ATT's target ``w*``: also return the point of the kept steps (those run with
+            graph) nearest to it in L1 distance, ``UnrollResult.closest``.
     """
     inner = PlainSGD() if inner is None else inner
     n_steps = plan.num_steps
@@ -125,6 +136,7 @@ def unroll(
     state = inner.init(w) if start_state is None else start_state
     direction_sum = torch.zeros_like(w, requires_grad=False)
     result = UnrollResult(final=w, direction_sum=direction_sum)
+    best: float | None = None
     for i in range(start_step, n_steps):
         if i == record_at:
             result.recorded = w.detach().clone()
@@ -147,6 +159,13 @@ def unroll(
         w = w + lr * u
         if not graph:
             w = w.detach()
+        elif closest_to is not None:
+            with torch.no_grad():
+                distance = float((w - closest_to).abs().sum())
+            if best is None or distance <= best:  # ATT: ties go to the later step
+                best = distance
+                result.closest, result.closest_step = w, i + 1
+                result.closest_direction_sum = direction_sum.clone()
     result.final = w
     result.direction_sum = direction_sum
     return result
@@ -214,9 +233,17 @@ def _select(draw: Any, positions: Tensor) -> Any:
     return select(positions)
 
 
-def matching_loss(final: Tensor, target: Tensor, start: Tensor) -> Tensor:
+def matching_loss(
+    final: Tensor, target: Tensor, start: Tensor, selection: ParameterSelection | None = None
+) -> Tensor:
     r"""MTT's normalised parameter distance (paper Eq. 1):
-    ``||w_N - w*_{t+M}||^2 / ||w*_t - w*_{t+M}||^2`` (the denominator a constant)."""
+    ``||w_N - w*_{t+M}||^2 / ||w*_t - w*_{t+M}||^2`` (the denominator a constant).
+
+    With a PAD ``selection`` both sums run over its kept entries only
+    (`sharp_bilevel.trajectory.selection`)."""
+    if selection is not None:
+        kept = selection.kept(final, target)
+        final, target, start = final[kept], target[kept], start[kept]
     denominator = (start.detach() - target.detach()).square().sum()
     if not bool(denominator > 0):
         raise ValueError(
