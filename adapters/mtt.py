@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sharp_bilevel.trajectory.hypergradient import UnrollSettings
 from sharp_bilevel.trajectory.matching import TrajectoryMatching
+from sharp_bilevel.trajectory.selection import ParameterSelection
 from sharp_bilevel.trajectory.sharded import Shard
 from sharp_bilevel.trajectory.student import Student
 
@@ -49,6 +50,10 @@ def make_closure(
     settings: UnrollSettings | None = None,
     seed: int | None = None,
     shard: Shard | None = None,
+    selection: ParameterSelection | None = None,
+    match_step: str = "final",
+    fixed_images: Tensor | None = None,
+    fixed_labels: Tensor | None = None,
 ) -> TrajectoryMatching:
     """Build the outer objective of one MTT iteration.
 
@@ -70,6 +75,14 @@ def make_closure(
             seed on every rank (``seed=it``).
         shard: run on several GPUs/machines: ``image_syn``/``label_syn`` hold this rank's rows
             (``Shard.current(total)``); see the "Several GPUs and machines" page.
+        selection: PAD's parameter selection (`sharp_bilevel.trajectory.selection`).
+        match_step: ``"final"`` (MTT) or ``"closest"`` (ATT).
+        fixed_images: SelMatch-style partial updates: samples trained on but never learned
+            (with ``fixed_labels``); ``image_syn`` then holds the learnable ones only.
+        fixed_labels: the labels of ``fixed_images``.
+
+    TESLA's hypergradient and the random truncation window are ``settings``
+    (``UnrollSettings.tesla()``, ``UnrollSettings(keep=(low, high))``), as TUH and TR are.
     """
     epochs = setting(args, "expert_epochs", expert_epochs)
     steps = setting(args, "syn_steps", syn_steps)
@@ -100,6 +113,10 @@ def make_closure(
         settings=settings,
         seed=seed,
         shard=shard,
+        selection=selection,
+        match_step=match_step,
+        fixed_images=fixed_images,
+        fixed_labels=fixed_labels,
     )
 
 

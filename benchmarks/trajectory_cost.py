@@ -1,6 +1,11 @@
 """Cost of one outer step: MTT (exact BPTT) vs naive SAM vs SATM (DESIGN.md sections 6 and 10).
 
     python benchmarks/trajectory_cost.py [--quick] [--out benchmarks/results/trajectory_cost.json]
+    python benchmarks/trajectory_cost.py --variants [--out .../trajectory_variants.json]
+
+``--variants``: LookSAM (k = 2, 5, 10, each with TUH + TR + first-order lr) and TESLA (alone
+and inside SAM) against MTT and SATM, mean step time over whole 10-step cycles, peak saved
+bytes, and TESLA's saved bytes for N = 20, 40, 80.
 
 Variants, each one ``opt.step(closure)`` with a fresh ``TrajectoryMatching`` closure per step:
   mtt   SharpBilevelOptimizer(perturbation="none"), UnrollSettings() (exact BPTT, exact lr);
@@ -296,6 +301,133 @@ def scaling(cfg: tuple, sizes: list[int], keeps: list[int]) -> dict:
     }
 
 
+# ---------------------------------------------------------------------- LookSAM and TESLA
+#: variant -> (rule, its keyword arguments, unroll settings); MTT is the reference.
+VARIANT_RUNS: dict[str, tuple[str, dict, UnrollSettings]] = {
+    "mtt": ("none", {}, UnrollSettings()),
+    "satm": ("ssam", {"smooth": 0.01}, UnrollSettings.satm()),
+    **{
+        f"looksam k={k}": ("looksam", {"k": k}, UnrollSettings.satm())  # + TUH + TR
+        for k in (2, 5, 10)
+    },
+    "tesla": ("none", {}, UnrollSettings.tesla()),
+    "sam + tesla": ("sam", {}, UnrollSettings.tesla()),
+}
+CYCLE = 10  # a multiple of every k: each LookSAM variant's mean covers whole cycles
+#: LookSAM k=5 with TUH+TR must take at most this share of MTT's step time (issue 10)
+LOOKSAM_TARGET = 0.65
+
+
+class VariantRun(Run):
+    """A ``Run`` whose optimizer is one of ``VARIANT_RUNS``."""
+
+    def __init__(self, variant: str, net: nn.Module, cfg: tuple) -> None:
+        super().__init__("mtt", net, cfg)
+        rule, kwargs, settings = VARIANT_RUNS[variant]
+        groups = [
+            {"params": [self.images]},
+            {"params": [self.syn_lr], "lr": 1e-5, "perturb": False},
+        ]
+        self.opt = SharpBilevelOptimizer(
+            groups,
+            perturbation=rule,
+            lr=100.0,
+            momentum=0.5,
+            seed=0,
+            closure_options={"unroll": settings},
+            **kwargs,
+        )
+
+
+def peak_saved_cycle(run: Run, steps: int) -> int:
+    """The peak saved bytes over ``steps`` consecutive steps (a LookSAM cycle has one SAM step)."""
+    peak = 0
+    for _ in range(steps):
+        peak = max(peak, peak_saved(run))
+    return peak
+
+
+def variant_costs(cfg: tuple, cycles: int, tesla_lengths: list[int]) -> dict:
+    """Mean step time over whole LookSAM cycles (variants interleaved cycle by cycle) and the
+    peak saved bytes of each variant; TESLA's and BPTT's saved bytes over N."""
+    net = build_net(cfg[1], cfg[2])
+    runs = {v: VariantRun(v, net, cfg) for v in VARIANT_RUNS}
+    saved = {v: float(peak_saved_cycle(runs[v], CYCLE)) for v in VARIANT_RUNS}  # warm-up
+    wall: dict[str, list[float]] = {v: [] for v in VARIANT_RUNS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANT_RUNS}
+    for _ in range(cycles):
+        for v in VARIANT_RUNS:
+            for _ in range(CYCLE):
+                w, c = timed(runs[v].step)
+                wall[v].append(w)
+                cpu[v].append(c)
+    mean_wall = {v: statistics.fmean(wall[v]) for v in VARIANT_RUNS}
+    mean_cpu = {v: statistics.fmean(cpu[v]) for v in VARIANT_RUNS}
+    by_n: dict[str, dict[int, float]] = {"tesla": {}, "mtt": {}}
+    for n in tesla_lengths:
+        for v in by_n:
+            run = VariantRun(v, net, (*cfg[:3], n, *cfg[4:]))
+            by_n[v][n] = float(peak_saved(run))
+    result = {
+        "config": cfg[0],
+        "cycle_steps": CYCLE,
+        "cycles": cycles,
+        "mean_wall_s": mean_wall,
+        "mean_cpu_s": mean_cpu,
+        "time_vs_mtt": {v: mean_wall[v] / mean_wall["mtt"] for v in VARIANT_RUNS},
+        "cpu_vs_mtt": {v: mean_cpu[v] / mean_cpu["mtt"] for v in VARIANT_RUNS},
+        "peak_saved_bytes": saved,
+        "saved_vs_mtt": {v: saved[v] / saved["mtt"] for v in VARIANT_RUNS},
+        "saved_by_N": by_n,
+    }
+    print(f"{cfg[0]}: " + ", ".join(f"{v} {mean_wall[v]:.2f}s" for v in VARIANT_RUNS), flush=True)
+    return result
+
+
+def report_variants(results: list[dict]) -> dict:
+    print_table(
+        f"Mean step time over whole {CYCLE}-step cycles (ratio to MTT; CPU time in brackets) and "
+        "peak saved bytes (ratio to MTT)",
+        ["config", "variant", "s/step", "time/MTT", "saved/MTT"],
+        [
+            [
+                r["config"],
+                v,
+                f"{r['mean_wall_s'][v]:.3f}",
+                f"{r['time_vs_mtt'][v]:.3f} ({r['cpu_vs_mtt'][v]:.3f})",
+                r["saved_vs_mtt"][v],
+            ]
+            for r in results
+            for v in VARIANT_RUNS
+        ],
+    )
+    for r in results:
+        by_n = r["saved_by_N"]
+        print_table(
+            f"Peak saved MiB over N, {r['config']}",
+            ["N", "TESLA", "MTT (BPTT)"],
+            [[n, by_n["tesla"][n] / MIB, by_n["mtt"][n] / MIB] for n in by_n["tesla"]],
+        )
+    worst = max(r["time_vs_mtt"]["looksam k=5"] for r in results)
+    worst_cpu = max(r["cpu_vs_mtt"]["looksam k=5"] for r in results)
+    tesla_flat = all(len(set(r["saved_by_N"]["tesla"].values())) == 1 for r in results)
+    verdicts = {
+        "time looksam k=5/mtt": {
+            "bound": LOOKSAM_TARGET,
+            "worst": worst,
+            "worst cpu": worst_cpu,
+            "pass": worst <= LOOKSAM_TARGET,
+        },
+        "tesla saved constant in N": {"pass": tesla_flat},
+    }
+    print(
+        f"\nTargets: LookSAM k=5 + TUH + TR <= {LOOKSAM_TARGET} x MTT: worst {worst:.3f} "
+        f"[CPU {worst_cpu:.3f}] -> {'PASS' if worst <= LOOKSAM_TARGET else 'MISS'}; TESLA saved "
+        f"bytes constant in N: {'PASS' if tesla_flat else 'MISS'}"
+    )
+    return verdicts
+
+
 # ---------------------------------------------------------------------- report
 def report(results: list[dict], scale: dict) -> dict:
     print_table(
@@ -375,10 +507,36 @@ def main() -> None:
     parser.add_argument(
         "--rss-glibc-default", action="store_true", help="also measure RSS with glibc's defaults"
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="only the LookSAM (k = 2, 5, 10) and TESLA table against MTT and SATM",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), os.getloadavg()[0]
     configs = QUICK if args.quick else FULL
+    if args.variants:
+        chosen = configs if args.quick else [c for c in FULL if c[4] == 1]
+        lengths = [6, 12] if args.quick else [20, 40, 80]
+        results = [variant_costs(c, 1 if args.quick else 2, lengths) for c in chosen]
+        verdicts = report_variants(results)
+        meta = {
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "torch_threads": args.threads,
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "quick": args.quick,
+            "wall_s": round(time.time() - started, 1),
+        }
+        print(f"\ntotal {meta['wall_s']:.0f}s, 1-min load average {meta['load_average_1min']}")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"meta": meta, "configs": results, "targets": verdicts}
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     allocators = {**FIXED_MMAP, **(GLIBC_DEFAULT if args.rss_glibc_default else {})}
     results = [
         measure_config(

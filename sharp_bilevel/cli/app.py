@@ -78,15 +78,20 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _keep(text: str) -> int | float | None:
-    """``all`` -> None (exact BPTT), ``0.33`` -> a fraction, ``6`` -> a step count."""
+def _keep(text: str) -> int | float | tuple[int, int] | None:
+    """``all`` -> None (exact BPTT), ``0.33`` -> a fraction, ``6`` -> a step count, ``2:6`` ->
+    a random window (a count drawn per outer step from 2..6)."""
     if text.lower() in ("all", "none"):
         return None
     try:
+        if ":" in text:
+            low, high = text.split(":")
+            return int(low), int(high)
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be 'all', a step count >= 1 or a fraction in (0, 1], got {text!r}"
+            "must be 'all', a step count >= 1, a fraction in (0, 1] or a window LOW:HIGH, "
+            f"got {text!r}"
         ) from None
 
 
@@ -144,10 +149,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep",
         type=_keep,
         default="all",
-        help="TUH: inner steps to differentiate through ('all' = exact BPTT)",
+        help="TUH: inner steps to differentiate through ('all' = exact BPTT; LOW:HIGH draws "
+        "the count per outer step, a random truncation window)",
     )
     run.add_argument("--reuse", action="store_true", help="TR: restart the second pass at iota")
     run.add_argument("--first-order-lr", action="store_true", help="SATM's Eq. 10 lr gradient")
+    run.add_argument(
+        "--hypergradient",
+        choices=("bptt", "tesla"),
+        default="bptt",
+        help="bptt, or tesla (TESLA's constant-memory form; needs --first-order-lr or satm)",
+    )
+    run.add_argument(
+        "--pad",
+        choices=("depth", "loss_rank"),
+        default=None,
+        help="PAD's parameter selection in the matching loss (depth: the paper's; loss_rank: "
+        "its released code's)",
+    )
+    run.add_argument(
+        "--pad-ratio", type=float, default=0.25, help="PAD: share of parameters dropped"
+    )
+    run.add_argument(
+        "--match-step",
+        choices=("final", "closest"),
+        default="final",
+        help="final (MTT) or closest (ATT: the student step nearest the target)",
+    )
+    run.add_argument(
+        "--fixed-fraction",
+        type=float,
+        default=0.0,
+        help="SelMatch-style partial updates: share of each class's images kept as the real "
+        "images they start from",
+    )
     run.add_argument("--ipc", type=int, default=1, help="images per class")
     run.add_argument("--syn-steps", type=int, default=10, help="inner steps N")
     run.add_argument(
@@ -213,6 +248,11 @@ def _config(args: argparse.Namespace, perturbation: str) -> DistillConfig:
         keep=args.keep,
         reuse=args.reuse,
         lr_gradient="first_order" if args.first_order_lr else "exact",
+        hypergradient=args.hypergradient,
+        pad=args.pad,
+        pad_ratio=args.pad_ratio,
+        match_step=args.match_step,
+        fixed_fraction=args.fixed_fraction,
         model=args.model,
         width=args.width,
         ipc=args.ipc,

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..optim.perturbations.registry import get_perturbation
 from ..trajectory.hypergradient import UnrollSettings
+from ..trajectory.selection import ParameterSelection
 from .networks import available_networks
 from .validation import (
     ConfigError,
@@ -21,6 +22,9 @@ from .validation import (
 METHODS = ("mtt", "ftd", "datm")
 NONFINITE_POLICIES = ("raise", "skip")
 LR_GRADIENTS = ("exact", "first_order")
+HYPERGRADIENTS = ("bptt", "tesla")
+PAD_MODES = ("depth", "loss_rank")
+MATCH_STEPS = ("final", "closest")
 #: Settings a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "nonfinite"})
 
@@ -43,6 +47,14 @@ class DistillConfig:
     ``current_max_start_epoch`` (clipped into ``(min_start_epoch, max_start_epoch]``) to
     ``max_start_epoch`` over ``expansion_end_epoch`` iterations.
 
+    Trajectory-matching variants (all off by default): ``hypergradient="tesla"`` (TESLA's
+    constant-memory hypergradient; needs ``lr_gradient="first_order"``, which the ``satm``
+    preset has), ``keep=(low, high)`` (a random truncation window per outer step), ``pad`` with
+    ``pad_ratio`` (PAD's parameter selection: ``"depth"`` drops the shallow layers' share,
+    ``"loss_rank"`` the best-matched entries), ``match_step="closest"`` (ATT) and
+    ``fixed_fraction`` (SelMatch-style partial updates: that share of each class's images,
+    rounded down, stays the real images it starts as and is never perturbed).
+
     ``nonfinite="skip"`` skips an outer step whose loss or hypergradient is NaN or infinite
     (counted in the run's diagnostics) instead of stopping the run.
 
@@ -54,9 +66,14 @@ class DistillConfig:
     perturbation: str = "none"
     rho: float | None = None
     smooth: float | None = None
-    keep: int | float | None = None
+    keep: int | float | tuple[int, int] | None = None
     reuse: bool | int = False
     lr_gradient: str = "exact"
+    hypergradient: str = "bptt"
+    pad: str | None = None
+    pad_ratio: float = 0.25
+    match_step: str = "final"
+    fixed_fraction: float = 0.0
     model: str = "ConvNet"
     width: int | None = 32
     ipc: int = 1
@@ -90,8 +107,24 @@ class DistillConfig:
     def unroll_settings(self) -> UnrollSettings:
         """TUH/TR/lr settings handed to the objective through ``closure_options``."""
         if self.perturbation.lower() == "satm":
-            return UnrollSettings.satm(1.0 / 3.0 if self.keep is None else self.keep)
-        return UnrollSettings(keep=self.keep, reuse=self.reuse, lr_gradient=self.lr_gradient)
+            keep = 1.0 / 3.0 if self.keep is None else self.keep
+            return UnrollSettings(
+                keep=keep, reuse=True, lr_gradient="first_order", hypergradient=self.hypergradient
+            )
+        return UnrollSettings(
+            keep=self.keep,
+            reuse=self.reuse,
+            lr_gradient=self.lr_gradient,
+            hypergradient=self.hypergradient,
+        )
+
+    def selection(self) -> ParameterSelection | None:
+        """PAD's parameter selection for the matching loss (None: every parameter)."""
+        return None if self.pad is None else ParameterSelection(self.pad, self.pad_ratio)
+
+    def fixed_per_class(self) -> int:
+        """Images per class that stay fixed (``floor(fixed_fraction * ipc)``)."""
+        return int(self.fixed_fraction * self.ipc + 1e-9)
 
     def rule_kwargs(self) -> dict[str, Any]:
         """``perturbation``/``rho``/``smooth`` for `SharpBilevelOptimizer`."""
@@ -109,7 +142,7 @@ class DistillConfig:
         rule = get_perturbation(kwargs["perturbation"], **_rule_hyperparameters(self))
         smooth = rule.default_smooth if kwargs["smooth"] is None else kwargs["smooth"]
         settings = self.unroll_settings()
-        iota, tau = settings.resolve(self.syn_steps)
+        iota, tau = settings.resolve(self.syn_steps, 0.0 if settings.random_window else None)
         names: list[str] = []
         if dataclasses.is_dataclass(rule):
             names = [f.name for f in dataclasses.fields(rule)]
@@ -119,10 +152,14 @@ class DistillConfig:
             "perturbation": kwargs["perturbation"],
             **hyper,
             "smooth": smooth,
-            "keep_steps": self.syn_steps - iota,
-            "iota": iota,
-            "tau": tau,
+            "keep_steps": settings.keep if settings.random_window else self.syn_steps - iota,
+            "iota": None if settings.random_window else iota,
+            "tau": None if settings.random_window else tau,
             "lr_gradient": settings.lr_gradient,
+            "hypergradient": settings.hypergradient,
+            "selection": None if self.pad is None else f"{self.pad} {self.pad_ratio}",
+            "match_step": self.match_step,
+            "fixed_per_class": self.fixed_per_class(),
         }
 
     def start_epoch_window(self) -> tuple[int, int, int]:
@@ -141,6 +178,12 @@ def validate_config(config: DistillConfig) -> None:
     check_choice("method", config.method, METHODS)
     check_choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
     check_choice("lr_gradient", config.lr_gradient, LR_GRADIENTS)
+    check_choice("hypergradient", config.hypergradient, HYPERGRADIENTS)
+    check_choice("match_step", config.match_step, MATCH_STEPS)
+    if config.pad is not None:
+        check_choice("pad", config.pad, PAD_MODES)
+    check_real("pad_ratio", config.pad_ratio, 0, 1, high_open=True)
+    check_real("fixed_fraction", config.fixed_fraction, 0, 1, high_open=True)
     networks = {name.lower(): name for name in available_networks()}
     if not isinstance(config.model, str) or config.model.lower() not in networks:
         check_choice("model", config.model, networks.values())
@@ -174,12 +217,29 @@ def validate_config(config: DistillConfig) -> None:
         ) from err
     if not isinstance(config.reuse, bool):
         check_int("reuse", config.reuse, 0)
+    tesla = config.hypergradient == "tesla" and config.perturbation.lower() != "satm"
+    if tesla and config.lr_gradient != "first_order":
+        raise ConfigError(
+            "hypergradient",
+            "tesla gives the lr gradient in first order only: set lr_gradient='first_order' "
+            "(CLI: --first-order-lr), or use the satm preset",
+        )
     try:
         settings = config.unroll_settings()
     except ValueError as err:
-        raise ConfigError("keep", str(err)) from err
+        argument = "hypergradient" if "tesla" in str(err) else "keep"
+        raise ConfigError(argument, str(err)) from err
+    if config.fixed_fraction > 0 and config.fixed_per_class() == 0:
+        raise ConfigError(
+            "fixed_fraction",
+            f"{config.fixed_fraction} of ipc={config.ipc} fixes no image (floor(fraction * "
+            "ipc) = 0): raise it or the ipc",
+        )
+    if config.fixed_per_class() >= config.ipc:
+        raise ConfigError("fixed_fraction", "must leave at least one learnable image per class")
     try:
-        settings.resolve(config.syn_steps)
+        for draw in (0.0, 0.999999) if settings.random_window else (None,):
+            settings.resolve(config.syn_steps, draw)
     except ValueError as err:
         argument = "reuse" if "reuse" in str(err) else "keep"
         raise ConfigError(argument, f"{err} (syn_steps={config.syn_steps})") from err

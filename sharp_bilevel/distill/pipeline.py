@@ -126,6 +126,32 @@ def _initial_state(
     return images, targets, syn_lr
 
 
+def _split_fixed(
+    config: DistillConfig, images: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(learnable images, their labels, fixed images, their labels)``: the last
+    ``fixed_per_class`` images of each class stay fixed (None, None when there are none)."""
+    fixed = config.fixed_per_class()
+    if fixed == 0:
+        return images, labels, None, None
+    per_class = config.ipc
+    # _initial_state lays the set out class by class, ipc images each
+    rows = torch.arange(len(images)).reshape(-1, per_class)
+    learn, keep = rows[:, : per_class - fixed].reshape(-1), rows[:, per_class - fixed :].reshape(-1)
+    return images[learn], labels[learn], images[keep].detach(), labels[keep].detach()
+
+
+def _joined(part: Tensor, fixed: Tensor | None, classes: int) -> Tensor:
+    """The whole synthetic set in its class-major layout, learnable and fixed rows merged back
+    (each class: its learnable images, then its fixed ones)."""
+    if fixed is None:
+        return part
+    shape = part.shape[1:]
+    learnable = part.reshape(classes, -1, *shape)
+    kept = fixed.to(part.device, part.dtype).reshape(classes, -1, *shape)
+    return torch.cat([learnable, kept], dim=1).reshape(-1, *shape)
+
+
 def check_checkpoint(
     path: str | Path, config: DistillConfig, experts_id: str | None = None
 ) -> dict[str, Any] | None:
@@ -231,8 +257,17 @@ def distill(
     images, labels, syn_lr = _initial_state(
         config, train_images, train_labels, num_classes, experts, student, generator
     )
+    if config.fixed_per_class() and process_group is not None:
+        raise ValueError(
+            "fixed_fraction (SelMatch-style partial updates) cannot be combined with "
+            "process_group yet: run it in one process"
+        )
+    images, labels, fixed_images, fixed_labels = _split_fixed(config, images, labels)
     initial_norm = float(images.norm())
-    initial_images, initial_labels = images.detach().cpu().clone(), labels.detach().cpu().clone()
+    initial_images = _joined(images, fixed_images, num_classes).detach().cpu().clone()
+    initial_labels = _joined(labels, fixed_labels, num_classes).detach().cpu().clone()
+    if fixed_images is not None and fixed_labels is not None:
+        fixed_images, fixed_labels = fixed_images.to(device), fixed_labels.to(device)
     shard = None if process_group is None else Shard.current(len(images), process_group)
     is_main = process_group is None or dist.get_rank(group=process_group) == 0
     if shard is not None:
@@ -366,6 +401,10 @@ def distill(
             soft_labels=config.method == "datm",
             augmentation=augmentation,
             seed=int(torch.randint(2**62, (1,), generator=generator)),
+            selection=config.selection(),
+            match_step=config.match_step,
+            fixed_images=fixed_images,
+            fixed_labels=fixed_labels,
         )
         try:
             optimizer.step(closure, skip_if=gate)
@@ -403,10 +442,10 @@ def distill(
         diagnostics.warn(config.label)
     return DistillResult(
         config=config,
-        images=whole(images),
-        labels=whole(labels),
+        images=_joined(whole(images), fixed_images, num_classes),
+        labels=_joined(whole(labels), fixed_labels, num_classes),
         syn_lr=float(syn_lr.detach()),
-        ema_images=None if ema is None else whole(ema.average),
+        ema_images=None if ema is None else _joined(whole(ema.average), fixed_images, num_classes),
         history=history,
         seconds=seconds,
         diagnostics=diagnostics,

@@ -29,7 +29,16 @@ CLI_CASES = [
     (["--expert-epochs", "50"], "--expert-epochs", r"beyond --train-epochs 6"),
     (["--max-start-epoch", "0"], "--max-start-epoch", r">= 1"),
     (["--keep", "1.5"], "--keep", r"fraction must be in \(0, 1\]"),
-    (["--keep", "abc"], "--keep", r"'all', a step count >= 1 or a fraction"),
+    (["--keep", "abc"], "--keep", r"'all', a step count >= 1, a fraction in \(0, 1\] or a window"),
+    (["--keep", "5:2"], "--keep", r"pair of ints \(low, high\) with 1 <= low <= high"),
+    (["--keep", "3:20"], "--keep", r"exceeds the number of inner steps 10"),
+    (["--hypergradient", "tesla"], "--hypergradient", r"--first-order-lr"),
+    (["--hypergradient", "implicit"], "--hypergradient", r"invalid choice"),
+    (["--pad", "layers"], "--pad", r"invalid choice"),
+    (["--pad", "depth", "--pad-ratio", "1"], "--pad-ratio", r"\[0, 1\)"),
+    (["--match-step", "best"], "--match-step", r"invalid choice"),
+    (["--fixed-fraction", "0.5"], "--fixed-fraction", r"fixes no image"),
+    (["--fixed-fraction", "-0.1"], "--fixed-fraction", r"\[0, 1\)"),
     (["--keep", "0"], "--keep", r">= 1"),
     (["--keep", "11"], "--keep", r"exceeds the number of inner steps 10"),
     (["--eval-seeds", "abc"], "--eval-seeds", r"list of ints"),
@@ -142,6 +151,15 @@ CONFIG_CASES = [
     ({"nonfinite": "ignore"}, "nonfinite", r"one of raise, skip"),
     ({"lr_gradient": "bogus"}, "lr_gradient", r"one of exact, first_order"),
     ({"dsa": "yes"}, "dsa", r"True or False"),
+    ({"hypergradient": "tesla"}, "hypergradient", r"lr_gradient='first_order'"),
+    ({"hypergradient": "implicit"}, "hypergradient", r"one of bptt, tesla"),
+    ({"pad": "layers"}, "pad", r"one of depth, loss_rank"),
+    ({"pad_ratio": 1.0}, "pad_ratio", r"\[0, 1\)"),
+    ({"match_step": "best"}, "match_step", r"one of final, closest"),
+    ({"fixed_fraction": 0.4, "ipc": 2}, "fixed_fraction", r"fixes no image"),
+    ({"fixed_fraction": 1.0, "ipc": 2}, "fixed_fraction", r"\[0, 1\)"),
+    ({"keep": (3, 2)}, "keep", r"pair of ints"),
+    ({"keep": (2, 12), "syn_steps": 10}, "keep", r"exceeds"),
 ]
 
 
@@ -157,6 +175,12 @@ def test_config_refuses_bad_values_naming_the_field(
 
 def test_config_accepts_what_it_documents() -> None:
     DistillConfig(model="convnet", keep=0.5, reuse=True, perturbation="SATM")
+    DistillConfig(perturbation="satm", hypergradient="tesla", keep=(2, 5))  # satm: first order
+    cfg = DistillConfig(
+        pad="loss_rank", pad_ratio=0.5, match_step="closest", fixed_fraction=0.5, ipc=4
+    )
+    assert cfg.fixed_per_class() == 2
+    assert cfg.selection() is not None
     DistillConfig(perturbation="none", rho=0.5)  # one rho for a sweep: not passed to "none"
     DistillConfig(method="datm", min_start_epoch=1, max_start_epoch=3, current_max_start_epoch=9)
     cfg = DistillConfig(method="datm", min_start_epoch=1, max_start_epoch=3)

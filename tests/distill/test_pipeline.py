@@ -179,3 +179,63 @@ def test_main_job_rejects_missing_buffers(
     assert info.value.code == 2
     assert "argument --buffers:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("method", ["mtt", "ftd", "datm"])
+def test_fixed_fraction_keeps_each_classs_last_images_and_resumes(
+    tmp_path: Path, method: str
+) -> None:
+    """SelMatch-style partial updates: per class the last floor(f * ipc) images (and labels)
+    end as they started, in place; the others are learned; a resumed run is bit-identical."""
+    images, labels = tiny_data()
+    experts = tiny_experts()
+    cfg = config(method=method, perturbation="sam", ipc=3, fixed_fraction=0.4)  # 1 of 3 fixed
+    whole = distill(cfg, images, labels, CLASSES, experts, checkpoint=tmp_path / "a.pt")
+    start = whole.initial_images.reshape(CLASSES, 3, *whole.initial_images.shape[1:])
+    end = whole.images.reshape(CLASSES, 3, *whole.images.shape[1:])
+    assert torch.equal(end[:, 2], start[:, 2])  # the fixed ones, in their places
+    assert not torch.equal(end[:, :2], start[:, :2])  # the learnable ones moved
+    end_labels = whole.labels.reshape(CLASSES, 3, *whole.labels.shape[1:])
+    start_labels = whole.initial_labels.reshape(CLASSES, 3, *whole.initial_labels.shape[1:])
+    assert torch.equal(end_labels[:, 2], start_labels[:, 2])
+    if method == "ftd":
+        assert whole.ema_images is not None
+        ema = whole.ema_images.reshape(CLASSES, 3, *whole.ema_images.shape[1:])
+        assert torch.equal(ema[:, 2], start[:, 2])
+
+    def stop(it: int, values: dict[str, float]) -> None:
+        if it == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(cfg, images, labels, CLASSES, experts, checkpoint=tmp_path / "b.pt", progress=stop)
+    resumed = distill(cfg, images, labels, CLASSES, experts, checkpoint=tmp_path / "b.pt")
+    assert torch.equal(resumed.images, whole.images)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"hypergradient": "tesla", "lr_gradient": "first_order"},
+        {"pad": "loss_rank", "pad_ratio": 0.5},
+        {"match_step": "closest"},
+        {"keep": (1, 3)},
+    ],
+    ids=lambda v: ",".join(v),
+)
+def test_every_variant_changes_the_run_and_resumes(tmp_path: Path, variant: dict) -> None:
+    images, labels = tiny_data()
+    experts = tiny_experts()
+    base = distill(config(perturbation="sam"), images, labels, CLASSES, experts)
+    cfg = config(perturbation="sam", **variant)
+    run = distill(cfg, images, labels, CLASSES, experts, checkpoint=tmp_path / "a.pt")
+    assert not torch.equal(run.images, base.images)  # the option reached the objective
+
+    def stop(it: int, values: dict[str, float]) -> None:
+        if it == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(cfg, images, labels, CLASSES, experts, checkpoint=tmp_path / "b.pt", progress=stop)
+    resumed = distill(cfg, images, labels, CLASSES, experts, checkpoint=tmp_path / "b.pt")
+    assert torch.equal(resumed.images, run.images)

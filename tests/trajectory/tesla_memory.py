@@ -9,8 +9,13 @@ import torch
 
 
 class _Box:
+    """Holds a detached alias: holding the tensor with its grad_fn makes reference cycles
+    through autograd nodes (GroupNorm's double backward) that are never freed."""
+
+    __slots__ = ("__weakref__", "tensor")
+
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
 
 def peak_saved_bytes(closure: Any) -> int:
