@@ -54,6 +54,7 @@ def make_closure(
     match_step: str = "final",
     fixed_images: Tensor | None = None,
     fixed_labels: Tensor | None = None,
+    autocast: torch.dtype | str | None = None,
 ) -> TrajectoryMatching:
     """Build the outer objective of one MTT iteration.
 
@@ -80,6 +81,8 @@ def make_closure(
         fixed_images: SelMatch-style partial updates: samples trained on but never learned
             (with ``fixed_labels``); ``image_syn`` then holds the learnable ones only.
         fixed_labels: the labels of ``fixed_images``.
+        autocast: mixed precision inside the unroll (``torch.bfloat16``, ``torch.float16``
+            with the optimizer's ``grad_scaler=``); see ``TrajectoryMatching``.
 
     TESLA's hypergradient and the random truncation window are ``settings``
     (``UnrollSettings.tesla()``, ``UnrollSettings(keep=(low, high))``), as TUH and TR are.
@@ -117,6 +120,7 @@ def make_closure(
         match_step=match_step,
         fixed_images=fixed_images,
         fixed_labels=fixed_labels,
+        autocast=autocast,
     )
 
 

@@ -164,7 +164,18 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"meta": meta, "results": results}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
-        args.out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
+        head = [
+            "# TESLA and TUH against exact BPTT",
+            "",
+            f"`python benchmarks/tesla_gap.py --out {args.out}` ({meta['wall_s']:.0f} s, "
+            f"{meta['date']}, torch {meta['torch']}). Image gradients in float64, seeds "
+            f"{seeds}: cosine with exact BPTT (mean, min over seeds) and norm ratio. Ridge: "
+            f"linear student, squared error, 20 samples of 16 features, alpha = {alpha}. "
+            "ConvNet: width 32, 10 random 1x8x8 images, a random expert segment (0.01 away), "
+            "alpha = 0.01, full batch, no DSA. TUH keeps N/3 steps.",
+            "",
+        ]
+        args.out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
     if not all(
         math.isfinite(v)
         for p in results.values()

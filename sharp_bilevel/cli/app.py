@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SelMatch-style partial updates: share of each class's images kept as the real "
         "images they start from",
     )
+    run.add_argument(
+        "--autocast",
+        choices=("off", "bfloat16", "float16"),
+        default="off",
+        help="mixed precision inside the unroll (float16 adds a GradScaler; weights, images "
+        "and gradients stay float32)",
+    )
     run.add_argument("--ipc", type=int, default=1, help="images per class")
     run.add_argument("--syn-steps", type=int, default=10, help="inner steps N")
     run.add_argument(
@@ -253,6 +260,7 @@ def _config(args: argparse.Namespace, perturbation: str) -> DistillConfig:
         pad_ratio=args.pad_ratio,
         match_step=args.match_step,
         fixed_fraction=args.fixed_fraction,
+        autocast=None if args.autocast == "off" else args.autocast,
         model=args.model,
         width=args.width,
         ipc=args.ipc,

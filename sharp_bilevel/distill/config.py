@@ -25,6 +25,7 @@ LR_GRADIENTS = ("exact", "first_order")
 HYPERGRADIENTS = ("bptt", "tesla")
 PAD_MODES = ("depth", "loss_rank")
 MATCH_STEPS = ("final", "closest")
+AUTOCASTS = ("bfloat16", "float16")
 #: Settings a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "nonfinite"})
 
@@ -55,6 +56,10 @@ class DistillConfig:
     ``fixed_fraction`` (SelMatch-style partial updates: that share of each class's images,
     rounded down, stays the real images it starts as and is never perturbed).
 
+    ``autocast="bfloat16"`` (or ``"float16"``, with a ``GradScaler`` the run builds) runs each
+    inner step's forward and loss in mixed precision; the images, weights and gradients stay
+    float32.
+
     ``nonfinite="skip"`` skips an outer step whose loss or hypergradient is NaN or infinite
     (counted in the run's diagnostics) instead of stopping the run.
 
@@ -74,6 +79,7 @@ class DistillConfig:
     pad_ratio: float = 0.25
     match_step: str = "final"
     fixed_fraction: float = 0.0
+    autocast: str | None = None
     model: str = "ConvNet"
     width: int | None = 32
     ipc: int = 1
@@ -160,6 +166,7 @@ class DistillConfig:
             "selection": None if self.pad is None else f"{self.pad} {self.pad_ratio}",
             "match_step": self.match_step,
             "fixed_per_class": self.fixed_per_class(),
+            "autocast": self.autocast,
         }
 
     def start_epoch_window(self) -> tuple[int, int, int]:
@@ -180,6 +187,8 @@ def validate_config(config: DistillConfig) -> None:
     check_choice("lr_gradient", config.lr_gradient, LR_GRADIENTS)
     check_choice("hypergradient", config.hypergradient, HYPERGRADIENTS)
     check_choice("match_step", config.match_step, MATCH_STEPS)
+    if config.autocast is not None:
+        check_choice("autocast", config.autocast, AUTOCASTS)
     if config.pad is not None:
         check_choice("pad", config.pad, PAD_MODES)
     check_real("pad_ratio", config.pad_ratio, 0, 1, high_open=True)

@@ -141,6 +141,13 @@ def _split_fixed(
     return images[learn], labels[learn], images[keep].detach(), labels[keep].detach()
 
 
+def _scaler_for(config: DistillConfig, device: torch.device | str) -> Any:
+    """A ``GradScaler`` for float16 mixed precision (None otherwise)."""
+    if config.autocast != "float16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 def _joined(part: Tensor, fixed: Tensor | None, classes: int) -> Tensor:
     """The whole synthetic set in its class-major layout, learnable and fixed rows merged back
     (each class: its learnable images, then its fixed ones)."""
@@ -302,6 +309,7 @@ def distill(
         nonfinite=config.nonfinite,
         closure_options={"unroll": config.unroll_settings()},
         process_group=process_group,
+        grad_scaler=_scaler_for(config, device),
         **config.rule_kwargs(),
     )
     ema = ImageEMA(images, config.ema_decay).attach(optimizer) if config.method == "ftd" else None
@@ -405,6 +413,7 @@ def distill(
             match_step=config.match_step,
             fixed_images=fixed_images,
             fixed_labels=fixed_labels,
+            autocast=config.autocast,
         )
         try:
             optimizer.step(closure, skip_if=gate)

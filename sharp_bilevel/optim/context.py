@@ -30,6 +30,8 @@ class StepContext:
             for the descent pass to pick up.
         options: read-only settings given to the optimizer as ``closure_options`` (for example
             truncation and reuse settings an outer objective reads).
+        loss_scale: the ``GradScaler``'s scale for this call (1.0 without one): back-propagate
+            ``ctx.scale(loss)``; the optimizer unscales the gradients after the call.
     """
 
     phase: Phase
@@ -38,6 +40,11 @@ class StepContext:
     smoothed: bool
     scratch: dict[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    loss_scale: float = 1.0
+
+    def scale(self, loss: Any) -> Any:
+        """``loss * loss_scale``: what to back-propagate under a ``GradScaler``."""
+        return loss * self.loss_scale if self.loss_scale != 1.0 else loss
 
     @property
     def is_ascent(self) -> bool:

@@ -92,6 +92,12 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             decision are then the same as in one process (`sharp_bilevel.optim.distributed`);
             a failure on one rank makes every rank restore and raise ``DistributedStepError``.
             None (default): one process.
+        grad_scaler: a ``torch.amp.GradScaler`` (CUDA or CPU) for float16 mixed precision. A
+            one-argument closure scales its loss with ``ctx.scale(loss)`` (the trajectory
+            matching closure does); both passes' gradients are unscaled before the rule sees
+            them; an inf/NaN in either pass skips the whole step (restored, counted in
+            ``skipped_steps["nonfinite"]``, whatever ``nonfinite`` says) and the scale is
+            updated once per step, backed off after a skip. Its state is in ``state_dict``.
         **kwargs: hyperparameters of the rule (any name the rule has, e.g. ``eta``, ``alpha``,
             ``theta``, ``per_sample``) and the base optimizer's keyword arguments (``lr``,
             ``momentum``, ...). A name that neither takes raises ``TypeError``. Every ``lr``
@@ -104,6 +110,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         smooth: the smoothing size ``gamma`` in force (0: off).
         centralize: whether the perturbed parameters' gradients are centralised.
         nonfinite: ``"raise"`` or ``"skip"``.
+        grad_scaler: the ``GradScaler`` in use, or None.
         steps_taken: steps the base optimizer has taken (skipped steps not counted).
         skipped_steps: ``{"nonfinite": n, "gate": m}``, the steps skipped so far.
         last_step: the ``StepReport`` of the latest ``step()`` (loss, perturbed loss, ``||g||``,
@@ -137,8 +144,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         closure_options: Mapping[str, Any] | None = None,
         perturbation_kwargs: Mapping[str, Any] | None = None,
         process_group: Any = None,
+        grad_scaler: Any = None,
         **kwargs: Any,
     ) -> None:
+        _check_scaler(grad_scaler)
         is_class = isinstance(base_optimizer, type) and issubclass(
             base_optimizer, torch.optim.Optimizer
         )
@@ -214,6 +223,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 "with perturb=True"
             )
 
+        self.grad_scaler = grad_scaler
         self._layout: RankLayout | None = None
         self._broken = False
         if process_group is not None:
@@ -307,6 +317,11 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 when it returns True the step is skipped with nothing perturbed left behind and
                 counted in ``skipped_steps["gate"]``.
         """
+        if closure is None and self._loss_scale() != 1.0:
+            raise ValueError(
+                "step() needs a closure with a grad_scaler: the optimizer unscales what each "
+                "closure call back-propagates (scale the loss with ctx.scale(loss))"
+            )
         if closure is None and (self.perturbation.two_pass or self._draws_noise):
             raise ValueError(
                 "step() needs a closure: the perturbation evaluates the objective twice"
@@ -565,11 +580,21 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         others = [p for g in self.param_groups if not g["perturb"] for p in g["params"]]
         others_saved = [p.detach().clone() for p in others]
         state_saved = _snapshot_state(self.base_optimizer.state)
+        scaler = self.grad_scaler
+        scale = self._loss_scale()
         try:
-            self.base_optimizer.step()
+            if scaler is None or scale == 1.0:
+                self.base_optimizer.step()
+            else:  # hand the scaler what it expects: scaled gradients (exact: a power of two)
+                for p in perturbed + others:
+                    if p.grad is not None:
+                        p.grad = p.grad * scale
+                scaler.step(self.base_optimizer)
+                scaler.update()
         except BaseException:
             _copy_into(perturbed + others, saved + others_saved)
             _restore_state(self.base_optimizer.state, state_saved)
+            _reset_scaler_stage(scaler)
             raise
 
     def _call(
@@ -590,6 +615,7 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             smoothed=self._draws_noise,
             scratch=scratch,
             options=self.closure_options,
+            loss_scale=self._loss_scale(),
         )
         with torch.enable_grad(), shield.open():
             loss = closure(context) if _takes_context(closure) else closure()
@@ -597,6 +623,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 "the closure must return the loss (a scalar tensor or a number), got None"
             )
+        if context.loss_scale != 1.0:  # a power of two: dividing is exact
+            for p in params:
+                if p.grad is not None:
+                    p.grad = p.grad / context.loss_scale
         return loss
 
     def _skip(self, loss: Any, loss_value: float, grad_norm: float, reason: str) -> Any:
@@ -607,6 +637,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         return loss
 
     def _skip_nonfinite(self, loss: Any, loss_value: float, grad_norm: float, what: str) -> Any:
+        if self._loss_scale() != 1.0:  # an overflow of the scaled loss: back off, skip
+            self._back_off()
+            return self._skip(loss, loss_value, grad_norm, "nonfinite")
         if self.nonfinite == "raise":
             for p in self._all_params():
                 p.grad = None
@@ -615,6 +648,34 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 "pre-step values (pass nonfinite='skip' to skip such steps instead)"
             )
         return self._skip(loss, loss_value, grad_norm, "nonfinite")
+
+    def _loss_scale(self) -> float:
+        """The scaler's current scale (1.0 without an enabled scaler)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        if getattr(scaler, "_scale", 0) is None:  # created lazily by its first scale() call
+            params = self._all_params()
+            scaler.scale(torch.zeros((), device=params[0].device if params else "cpu"))
+        return float(scaler.get_scale())
+
+    def _back_off(self) -> None:
+        """One scaler update that records an overflow (the scale is backed off); no step."""
+        scaler = self.grad_scaler
+        assert scaler is not None
+        perturbed = self._perturbed_params()
+        for p in self._all_params():
+            p.grad = None
+        marker = (perturbed or self._all_params())[0]
+        marker.grad = torch.full_like(marker, math.inf)
+        try:
+            scaler.step(self.base_optimizer)  # finds the inf and skips the base step
+            scaler.update()
+        except BaseException:
+            _reset_scaler_stage(scaler)
+            raise
+        finally:
+            marker.grad = None
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -627,6 +688,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             "steps_taken": self.steps_taken,
             "skipped_steps": dict(self.skipped_steps),
         }
+        if self.grad_scaler is not None:
+            state[_STATE_KEY]["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -650,6 +713,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         self._noise_generator.set_state(extra["noise_rng"].clone())
         self.steps_taken = int(extra["steps_taken"])
         self.skipped_steps = dict(extra["skipped_steps"])
+        if self.grad_scaler is not None and "grad_scaler" in extra:
+            self.grad_scaler.load_state_dict(extra["grad_scaler"])
 
     def __repr__(self) -> str:
         return (
@@ -745,6 +810,22 @@ def _checked_tensors(where: str, what: str, values: object, params: list[Tensor]
                 f"but its parameter has shape {tuple(p.shape)}, {p.dtype} on {p.device}"
             )
     return list(values)
+
+
+def _check_scaler(scaler: Any) -> None:
+    """``scaler`` must look like a ``torch.amp.GradScaler`` (or be None)."""
+    needed = ("scale", "step", "update", "get_scale", "is_enabled", "state_dict")
+    if scaler is not None and not all(callable(getattr(scaler, n, None)) for n in needed):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+        )
+
+
+def _reset_scaler_stage(scaler: Any) -> None:
+    """Forget a half-done ``unscale_``/``step`` of this update (so the next step may unscale)."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        states.clear()
 
 
 def _check_lr(lr: Any, what: str) -> None:

@@ -74,6 +74,11 @@ class TrajectoryMatching:
             set is ``cat([images, fixed_images])``; the plan indexes both.
         fixed_labels: their labels (hard, or logits with ``soft_labels``); required with
             ``fixed_images``.
+        autocast: mixed precision inside the unroll: ``torch.bfloat16`` (CPU and CUDA) or
+            ``torch.float16`` (CUDA; pair it with a ``GradScaler``), or their names. Each
+            step's forward and inner loss run under ``torch.autocast``; the flat weights, the
+            images, ``syn_lr`` and the accumulated hypergradient stay float32. None (default):
+            off.
     """
 
     def __init__(
@@ -98,8 +103,10 @@ class TrajectoryMatching:
         match_step: str = "final",
         fixed_images: Tensor | None = None,
         fixed_labels: Tensor | None = None,
+        autocast: torch.dtype | str | None = None,
     ) -> None:
         self.student = as_student(student)
+        self.autocast = autocast_dtype(autocast)
         if match_step not in _MATCH_STEPS:
             raise ValueError(f"match_step must be one of {_MATCH_STEPS}, got {match_step!r}")
         if selection is not None and not isinstance(selection, ParameterSelection):
@@ -215,6 +222,7 @@ class TrajectoryMatching:
             inner=self.inner,
             shard=self.shard,
             closest_to=closest_to,
+            autocast=self.autocast,
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         if tau is not None and saved is not None:
@@ -263,7 +271,8 @@ class TrajectoryMatching:
         if self.shard is not None and result.graph_start is not None:
             # Every rank must run every backward collective, whichever of its inputs need them.
             targets.append(result.graph_start)
-        grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
+        scaled = loss if ctx is None else ctx.scale(loss)  # a GradScaler's scale, if any
+        grads = torch.autograd.grad(scaled, targets, allow_unused=True) if targets else ()
         for leaf, grad in zip(leaves, grads, strict=False):
             if grad is not None:  # accumulate like backward()
                 leaf.grad = grad if leaf.grad is None else leaf.grad + grad
@@ -298,6 +307,7 @@ class TrajectoryMatching:
             self.augmentation,
             self.soft_labels,
             None,
+            self.autocast,
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         record = False
@@ -335,7 +345,7 @@ class TrajectoryMatching:
         with torch.enable_grad():
             point = matched.detach().requires_grad_(True)
             loss = matching_loss(point, self.expert_target, self.expert_start, self.selection)
-            (v,) = torch.autograd.grad(loss, [point])
+            (v,) = torch.autograd.grad(loss if ctx is None else ctx.scale(loss), [point])
         leaves = [t for t in (self.images, self.labels) if t.requires_grad]
         parts = tesla_backward(problem, trajectory, self.plan, self.syn_lr, v, leaves, stop)
         for leaf, grad in zip(leaves, parts, strict=True):
@@ -361,6 +371,29 @@ class TrajectoryMatching:
             assert result.closest_direction_sum is not None
             return result.closest_direction_sum
         return result.direction_sum
+
+
+_AUTOCAST = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.bfloat16``/``torch.float16`` (or a name: ``"bf16"``, ``"fp16"``, ...) or None."""
+    if value is None or value in (torch.bfloat16, torch.float16):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str) and value.lower() in _AUTOCAST:
+        return _AUTOCAST[value.lower()]
+    if isinstance(value, str) and value.lower() in ("off", "none", "float32", "fp32"):
+        return None
+    raise ValueError(
+        f"autocast must be torch.bfloat16, torch.float16, one of {sorted(_AUTOCAST)} or None, "
+        f"got {value!r}"
+    )
 
 
 def check_window(num_snapshots: int, start_epoch: int, expert_epochs: int) -> None:

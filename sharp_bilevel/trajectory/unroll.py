@@ -90,6 +90,7 @@ def unroll(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     shard: Shard | None = None,
     closest_to: Tensor | None = None,
+    autocast: torch.dtype | None = None,
 ) -> UnrollResult:
     r"""Run inner steps ``start_step..N-1`` of ``plan`` from ``start``:
 
@@ -121,6 +122,9 @@ def unroll(
             gradient is summed over ranks so every rank follows the same trajectory.
         closest_to: ATT's target ``w*``: also return the point of the kept steps (those run with
             graph) nearest to it in L1 distance, ``UnrollResult.closest``.
+        autocast: ``torch.bfloat16`` or ``torch.float16``: each step's forward and inner loss
+            run under ``torch.autocast`` (mixed precision); ``w``, the images, ``syn_lr`` and
+            every gradient keep their own (float32) dtype. None: off.
     """
     inner = PlainSGD() if inner is None else inner
     n_steps = plan.num_steps
@@ -131,7 +135,9 @@ def unroll(
     buffers = student.fresh_buffers()
     if shard is not None:
         check_shardable(buffers)
-    problem = _InnerProblem(student, buffers, images, targets, augmentation, soft_targets, loss_fn)
+    problem = _InnerProblem(
+        student, buffers, images, targets, augmentation, soft_targets, loss_fn, autocast
+    )
     w = start.detach().requires_grad_(True)
     state = inner.init(w) if start_state is None else start_state
     direction_sum = torch.zeros_like(w, requires_grad=False)
@@ -183,9 +189,12 @@ class _InnerProblem:
     augmentation: Augmentation | None
     soft: bool
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None
+    autocast: torch.dtype | None = None
 
     def gradient(self, w: Tensor, indices: Tensor, draw: Any, graph: bool) -> Tensor:
-        """``g_i``: the gradient of the mean inner loss over the minibatch ``indices`` at ``w``."""
+        """``g_i``: the gradient of the mean inner loss over the minibatch ``indices`` at ``w``
+        (the forward and the loss under ``torch.autocast`` when ``autocast`` is a dtype; ``w``,
+        the images and ``g_i`` stay in their own dtype)."""
         idx = indices.to(self.images.device)
         x = self.images[idx] if graph else self.images.detach()[idx]
         if self.augmentation is not None and draw is not None:
@@ -193,11 +202,16 @@ class _InnerProblem:
         y = self.targets[idx.to(self.targets.device)]
         if not graph:
             y = y.detach()
-        outputs = self.student(x, w, self.buffers)
-        if self.loss_fn is None:
-            loss = inner_loss(outputs, y, self.soft)
-        else:
-            loss = self.loss_fn(outputs, y)
+        with torch.autocast(
+            self.images.device.type,
+            dtype=self.autocast or torch.bfloat16,
+            enabled=self.autocast is not None,
+        ):
+            outputs = self.student(x, w, self.buffers)
+            if self.loss_fn is None:
+                loss = inner_loss(outputs, y, self.soft)
+            else:
+                loss = self.loss_fn(outputs, y)
         (grad,) = torch.autograd.grad(loss, w, create_graph=graph)
         return grad
 

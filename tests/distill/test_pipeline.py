@@ -220,6 +220,8 @@ def test_fixed_fraction_keeps_each_classs_last_images_and_resumes(
         {"pad": "loss_rank", "pad_ratio": 0.5},
         {"match_step": "closest"},
         {"keep": (1, 3)},
+        {"autocast": "bfloat16"},
+        {"autocast": "float16"},  # with the GradScaler the run builds (CPU autocast has fp16)
     ],
     ids=lambda v: ",".join(v),
 )
