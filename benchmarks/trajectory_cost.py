@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from sharp_bilevel import SharpBilevelOptimizer
+from sharp_bilevel.trajectory.checkpointed import segment_starts
 from sharp_bilevel.trajectory.hypergradient import UnrollSettings
 from sharp_bilevel.trajectory.matching import TrajectoryMatching
 from sharp_bilevel.trajectory.presets import satm_optimizer
@@ -428,6 +429,46 @@ def report_variants(results: list[dict]) -> dict:
     return verdicts
 
 
+# ---------------------------------------------------------------------- checkpointed BPTT
+#: saved bytes of the checkpointed unroll at N = 80 against exact BPTT, and its time (issue 11)
+CHECKPOINT_TARGETS = {"saved": 0.30, "time": 1.4}
+
+
+def checkpoint_costs(cfg: tuple, lengths: list[int], repeats: int) -> dict:
+    """Exact BPTT against the checkpointed unroll (segment ceil(sqrt(N))): median step time
+    (interleaved) and peak saved bytes, for each N."""
+    net = build_net(cfg[1], cfg[2])
+    out: dict[str, dict] = {}
+    for n in lengths:
+        runs = {}
+        for mode in ("bptt", "checkpointed"):
+            run = Run("mtt", net, (*cfg[:3], n, *cfg[4:]))
+            run.opt.closure_options = {"unroll": UnrollSettings(hypergradient=mode)}
+            runs[mode] = run
+        saved = {m: float(peak_saved(r)) for m, r in runs.items()}  # also the warm-up
+        times: dict[str, list[float]] = {m: [] for m in runs}
+        for _ in range(repeats):
+            for m, r in runs.items():
+                times[m].append(timed(r.step)[0])
+        med = {m: statistics.median(t) for m, t in times.items()}
+        out[str(n)] = {
+            "segment": segment_starts(0, n, None)[1] if n > 1 else 1,
+            "median_wall_s": med,
+            "peak_saved_bytes": saved,
+            "time ratio": med["checkpointed"] / med["bptt"],
+            "saved ratio": saved["checkpointed"] / saved["bptt"],
+        }
+        print(
+            f"N={n}: {out[str(n)]['saved ratio']:.3f} saved, {out[str(n)]['time ratio']:.3f} time"
+        )
+    last = out[str(lengths[-1])]
+    verdicts = {
+        "saved at largest N": {"bound": CHECKPOINT_TARGETS["saved"], "value": last["saved ratio"]},
+        "time at largest N": {"bound": CHECKPOINT_TARGETS["time"], "value": last["time ratio"]},
+    }
+    return {"config": cfg[0], "by_N": out, "targets": verdicts}
+
+
 # ---------------------------------------------------------------------- report
 def report(results: list[dict], scale: dict) -> dict:
     print_table(
@@ -512,10 +553,31 @@ def main() -> None:
         action="store_true",
         help="only the LookSAM (k = 2, 5, 10) and TESLA table against MTT and SATM",
     )
+    parser.add_argument(
+        "--checkpointed",
+        action="store_true",
+        help="only exact BPTT against the checkpointed unroll, N = 20, 40, 80",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), os.getloadavg()[0]
     configs = QUICK if args.quick else FULL
+    if args.checkpointed:
+        cfg = configs[0]
+        lengths = [6, 12] if args.quick else [20, 40, 80]
+        doc = checkpoint_costs(cfg, lengths, 1 if args.quick else 5)
+        doc["meta"] = {
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "torch_threads": args.threads,
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "wall_s": round(time.time() - started, 1),
+        }
+        print(json.dumps(doc["targets"]))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     if args.variants:
         chosen = configs if args.quick else [c for c in FULL if c[4] == 1]
         lengths = [6, 12] if args.quick else [20, 40, 80]

@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--first-order-lr", action="store_true", help="SATM's Eq. 10 lr gradient")
     run.add_argument(
         "--hypergradient",
-        choices=("bptt", "tesla"),
+        choices=("bptt", "tesla", "checkpointed"),
         default="bptt",
-        help="bptt, or tesla (TESLA's constant-memory form; needs --first-order-lr or satm)",
+        help="bptt; tesla (TESLA's constant-memory form; needs --first-order-lr or satm); "
+        "checkpointed (exact BPTT in sub-linear memory, segments recomputed)",
     )
     run.add_argument(
         "--pad",

@@ -22,7 +22,7 @@ from .validation import (
 METHODS = ("mtt", "ftd", "datm")
 NONFINITE_POLICIES = ("raise", "skip")
 LR_GRADIENTS = ("exact", "first_order")
-HYPERGRADIENTS = ("bptt", "tesla")
+HYPERGRADIENTS = ("bptt", "tesla", "checkpointed")
 PAD_MODES = ("depth", "loss_rank")
 MATCH_STEPS = ("final", "closest")
 AUTOCASTS = ("bfloat16", "float16")
@@ -50,7 +50,8 @@ class DistillConfig:
 
     Trajectory-matching variants (all off by default): ``hypergradient="tesla"`` (TESLA's
     constant-memory hypergradient; needs ``lr_gradient="first_order"``, which the ``satm``
-    preset has), ``keep=(low, high)`` (a random truncation window per outer step), ``pad`` with
+    preset has), ``hypergradient="checkpointed"`` (exact BPTT, segments recomputed),
+    ``keep=(low, high)`` (a random truncation window per outer step), ``pad`` with
     ``pad_ratio`` (PAD's parameter selection: ``"depth"`` drops the shallow layers' share,
     ``"loss_rank"`` the best-matched entries), ``match_step="closest"`` (ATT) and
     ``fixed_fraction`` (SelMatch-style partial updates: that share of each class's images,

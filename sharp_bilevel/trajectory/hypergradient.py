@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 _LR_GRADIENTS = ("exact", "first_order")
-_HYPERGRADIENTS = ("bptt", "tesla")
+_HYPERGRADIENTS = ("bptt", "tesla", "checkpointed")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,10 @@ class UnrollSettings:
         hypergradient: ``"bptt"`` (back-propagation through the kept steps) or ``"tesla"``
             (TESLA's constant-memory form, `sharp_bilevel.trajectory.tesla`: each kept step's
             direct term only, one step's graph at a time; needs ``lr_gradient="first_order"``
-            and plain SGD inside).
+            and plain SGD inside) or ``"checkpointed"`` (exact BPTT in sub-linear memory,
+            `sharp_bilevel.trajectory.checkpointed`: weights kept at segment starts only, each
+            segment's graph recomputed in the backward pass; plain SGD inside).
+        segment: steps per segment of the checkpointed unroll (None: ``ceil(sqrt(kept))``).
 
     Examples:
         >>> UnrollSettings.satm().resolve(20)
@@ -43,6 +46,7 @@ class UnrollSettings:
     reuse: bool | int = False
     lr_gradient: str = "exact"
     hypergradient: str = "bptt"
+    segment: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, tuple | list):
@@ -73,6 +77,12 @@ class UnrollSettings:
             raise ValueError(
                 f"hypergradient must be one of {_HYPERGRADIENTS}, got {self.hypergradient!r}"
             )
+        if self.segment is not None and (
+            isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1
+        ):
+            raise ValueError(f"segment must be an int >= 1 or None, got {self.segment!r}")
+        if self.segment is not None and self.hypergradient != "checkpointed":
+            raise ValueError("segment is a setting of hypergradient='checkpointed'")
         if self.hypergradient == "tesla" and self.lr_gradient != "first_order":
             raise ValueError(
                 "hypergradient='tesla' gives the lr gradient in first order only: pass "

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim.context import StepContext
+from .checkpointed import checkpointed_backward, segment_starts
 from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import InnerOptimizer, PlainSGD
 from .selection import ParameterSelection
@@ -214,6 +215,8 @@ class TrajectoryMatching:
         closest_to = self.expert_target if self.match_step == "closest" else None
         if settings.hypergradient == "tesla":
             return self._tesla(ctx, iota, tau, images, labels, closest_to)
+        if settings.hypergradient == "checkpointed":
+            return self._checkpointed(ctx, settings, iota, tau, images, labels, closest_to)
         common = dict(
             soft_targets=self.soft_labels,
             augmentation=self.augmentation,
@@ -357,6 +360,96 @@ class TrajectoryMatching:
         self.last_unroll = result
         return loss.detach()
 
+    def _checkpointed(
+        self,
+        ctx: StepContext | None,
+        settings: UnrollSettings,
+        iota: int,
+        tau: int | None,
+        images: Tensor,
+        labels: Tensor,
+        closest_to: Tensor | None,
+    ) -> Tensor:
+        """Exact BPTT with segment checkpoints (`sharp_bilevel.trajectory.checkpointed`)."""
+        mode = "hypergradient='checkpointed'"
+        if self.inner is not None and not isinstance(self.inner, PlainSGD):
+            raise ValueError(f"{mode} needs plain SGD inside, got inner={self.inner!r}")
+        if self.shard is not None:
+            raise ValueError(f"{mode} does not support a sharded set yet")
+        if closest_to is not None:
+            raise ValueError(f"{mode} does not support match_step='closest' yet")
+        problem = _InnerProblem(
+            self.student,
+            self.student.fresh_buffers(),
+            images,
+            labels,
+            self.augmentation,
+            self.soft_labels,
+            None,
+            self.autocast,
+        )
+        saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
+        record = False
+        if tau is not None and saved is not None:
+            start, start_state, before = saved
+            start_step = tau
+        else:
+            start, start_state, before, start_step = self.expert_start, None, None, 0
+            record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
+        first = max(iota, start_step)
+        starts = segment_starts(first, self.plan.num_steps, settings.segment)
+        trajectory = tesla_forward(
+            problem,
+            start,
+            self.syn_lr,
+            self.plan,
+            first_term=first,
+            start_step=start_step,
+            start_state=start_state,
+            record_at=tau if record else None,
+            store=set(starts),
+        )
+        result = trajectory.result
+        if record and ctx is not None:
+            ctx.scratch[_TR_KEY] = (
+                result.recorded,
+                result.recorded_state,
+                result.direction_sum_before,
+            )
+        first_order = settings.lr_gradient == "first_order"
+        with torch.enable_grad():
+            point = result.final.detach().requires_grad_(True)
+            loss = matching_loss(point, self.expert_target, self.expert_start, self.selection)
+            (v,) = torch.autograd.grad(loss if ctx is None else ctx.scale(loss), [point])
+        leaves = [t for t in (self.images, self.labels) if t.requires_grad]
+        exact_lr = not first_order and self.syn_lr.requires_grad
+        parts = checkpointed_backward(
+            self.student,
+            trajectory,
+            images,
+            labels,
+            self.syn_lr,
+            self.plan,
+            v,
+            [*leaves, self.syn_lr] if exact_lr else leaves,
+            starts,
+            soft_targets=self.soft_labels,
+            augmentation=self.augmentation,
+            lr_in_graph=not first_order,
+            inner=self.inner,
+            autocast=self.autocast,
+        )
+        targets = [*leaves, self.syn_lr] if exact_lr else leaves
+        for leaf, grad in zip(targets, parts, strict=True):
+            if grad is not None:
+                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        if first_order and self.syn_lr.requires_grad:
+            directions = result.direction_sum if before is None else before + result.direction_sum
+            value = first_order_lr_grad(v, directions)
+            self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
+        self.last_unroll = result
+        return loss.detach()
+
     def _inner_set(self) -> tuple[Tensor, Tensor]:
         """The inner loop's images and labels: the learnable ones, then the fixed ones."""
         if self.fixed_images is None or self.fixed_labels is None:
@@ -385,7 +478,7 @@ _AUTOCAST = {
 def autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     """``torch.bfloat16``/``torch.float16`` (or a name: ``"bf16"``, ``"fp16"``, ...) or None."""
     if value is None or value in (torch.bfloat16, torch.float16):
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, str) and value.lower() in _AUTOCAST:
         return _AUTOCAST[value.lower()]
     if isinstance(value, str) and value.lower() in ("off", "none", "float32", "fp32"):

@@ -20,6 +20,7 @@ them within its window.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,10 @@ def tesla_forward(
     start_state: Any = None,
     record_at: int | None = None,
     closest_to: Tensor | None = None,
+    store: Container[int] | None = None,
 ) -> TeslaTrajectory:
-    """Steps ``start_step..N-1`` without graph; ``w_i`` kept for ``i >= first_term``."""
+    """Steps ``start_step..N-1`` without graph; ``w_i`` kept for ``i >= first_term`` (and, when
+    ``store`` is given, only for the steps in it: a checkpointed unroll's segment starts)."""
     inner = PlainSGD()
     lr = float(syn_lr.detach())
     w = start.detach()
@@ -65,7 +68,7 @@ def tesla_forward(
             out.result.recorded = w.clone()
             out.result.recorded_state = detach_state(state)
             out.result.direction_sum_before = direction_sum.clone()
-        if i >= first_term:
+        if i >= first_term and (store is None or i in store):
             out.weights[i] = w
         with torch.enable_grad():
             leaf = w.requires_grad_(True)
@@ -106,6 +109,7 @@ def tesla_backward(
             term = scale * torch.dot(grad.reshape(-1), v.reshape(-1))
             parts = torch.autograd.grad(term, leaves, allow_unused=True)
         for k, part in enumerate(parts):
+            current = totals[k]
             if part is not None:
-                totals[k] = part if totals[k] is None else totals[k] + part
+                totals[k] = part if current is None else current + part
     return totals

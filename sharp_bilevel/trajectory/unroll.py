@@ -91,6 +91,7 @@ def unroll(
     shard: Shard | None = None,
     closest_to: Tensor | None = None,
     autocast: torch.dtype | None = None,
+    stop_step: int | None = None,
 ) -> UnrollResult:
     r"""Run inner steps ``start_step..N-1`` of ``plan`` from ``start``:
 
@@ -122,6 +123,8 @@ def unroll(
             gradient is summed over ranks so every rank follows the same trajectory.
         closest_to: ATT's target ``w*``: also return the point of the kept steps (those run with
             graph) nearest to it in L1 distance, ``UnrollResult.closest``.
+        stop_step: run up to (not including) this step instead of ``N`` (a segment of a
+            checkpointed unroll); ``final`` is then ``w_stop``.
         autocast: ``torch.bfloat16`` or ``torch.float16``: each step's forward and inner loss
             run under ``torch.autocast`` (mixed precision); ``w``, the images, ``syn_lr`` and
             every gradient keep their own (float32) dtype. None: off.
@@ -143,7 +146,10 @@ def unroll(
     direction_sum = torch.zeros_like(w, requires_grad=False)
     result = UnrollResult(final=w, direction_sum=direction_sum)
     best: float | None = None
-    for i in range(start_step, n_steps):
+    stop = n_steps if stop_step is None else stop_step
+    if not start_step < stop <= n_steps:
+        raise ValueError(f"stop_step must be in ({start_step}, {n_steps}], got {stop_step}")
+    for i in range(start_step, stop):
         if i == record_at:
             result.recorded = w.detach().clone()
             result.recorded_state = detach_state(state)

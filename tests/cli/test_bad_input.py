@@ -153,7 +153,7 @@ CONFIG_CASES = [
     ({"lr_gradient": "bogus"}, "lr_gradient", r"one of exact, first_order"),
     ({"dsa": "yes"}, "dsa", r"True or False"),
     ({"hypergradient": "tesla"}, "hypergradient", r"lr_gradient='first_order'"),
-    ({"hypergradient": "implicit"}, "hypergradient", r"one of bptt, tesla"),
+    ({"hypergradient": "implicit"}, "hypergradient", r"one of bptt, tesla, checkpointed"),
     ({"pad": "layers"}, "pad", r"one of depth, loss_rank"),
     ({"pad_ratio": 1.0}, "pad_ratio", r"\[0, 1\)"),
     ({"match_step": "best"}, "match_step", r"one of final, closest"),

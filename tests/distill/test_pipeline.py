@@ -221,6 +221,7 @@ def test_fixed_fraction_keeps_each_classs_last_images_and_resumes(
         {"match_step": "closest"},
         {"keep": (1, 3)},
         {"autocast": "bfloat16"},
+        {"hypergradient": "checkpointed", "pad": "depth"},  # checkpointed alone equals BPTT
         {"autocast": "float16"},  # with the GradScaler the run builds (CPU autocast has fp16)
     ],
     ids=lambda v: ",".join(v),
