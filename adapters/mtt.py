@@ -55,6 +55,7 @@ def make_closure(
     fixed_images: Tensor | None = None,
     fixed_labels: Tensor | None = None,
     autocast: torch.dtype | str | None = None,
+    compile_inner: bool = False,
 ) -> TrajectoryMatching:
     """Build the outer objective of one MTT iteration.
 
@@ -83,6 +84,7 @@ def make_closure(
         fixed_labels: the labels of ``fixed_images``.
         autocast: mixed precision inside the unroll (``torch.bfloat16``, ``torch.float16``
             with the optimizer's ``grad_scaler=``); see ``TrajectoryMatching``.
+        compile_inner: compile the inner steps that need no graph; see ``TrajectoryMatching``.
 
     TESLA's hypergradient and the random truncation window are ``settings``
     (``UnrollSettings.tesla()``, ``UnrollSettings(keep=(low, high))``), as TUH and TR are.
@@ -121,6 +123,7 @@ def make_closure(
         fixed_images=fixed_images,
         fixed_labels=fixed_labels,
         autocast=autocast,
+        compile_inner=compile_inner,
     )
 
 

@@ -53,6 +53,8 @@ from sharp_bilevel.trajectory.presets import satm_optimizer
 from sharp_bilevel.trajectory.student import FunctionalStudent
 
 VARIANTS = ("mtt", "sam", "satm")
+#: --compile-inner: every variant's steps without graph go through the compiled inner step
+COMPILE_INNER = [False]
 CLASSES = 10
 MIB = 2**20
 # (name, width, (C, H, W), N, IPC, measured steps); one warm-up round comes on top
@@ -130,6 +132,7 @@ class Run:
             expert_target=self.target,
             syn_steps=self.syn_steps,
             seed=self.count,
+            compile_inner=COMPILE_INNER[0],
         )
         self.count += 1
         self.opt.step(closure)
@@ -554,6 +557,14 @@ def main() -> None:
         help="only the LookSAM (k = 2, 5, 10) and TESLA table against MTT and SATM",
     )
     parser.add_argument(
+        "--compile-inner",
+        action="store_true",
+        help="run every variant with compile_inner=True (add --only to pick configs)",
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated config names to run (default: all)"
+    )
+    parser.add_argument(
         "--checkpointed",
         action="store_true",
         help="only exact BPTT against the checkpointed unroll, N = 20, 40, 80",
@@ -562,6 +573,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), os.getloadavg()[0]
     configs = QUICK if args.quick else FULL
+    COMPILE_INNER[0] = args.compile_inner
+    if args.compile_inner:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.compile's own
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",")}
+        configs = [c for c in configs if c[0] in wanted]
     if args.checkpointed:
         cfg = configs[0]
         lengths = [6, 12] if args.quick else [20, 40, 80]
@@ -606,7 +625,7 @@ def main() -> None:
         )
         for cfg in configs
     ]
-    scale_cfg = configs[0] if args.quick else configs[1]
+    scale_cfg = configs[0] if (args.quick or len(configs) < 2) else configs[1]
     scale = scaling(scale_cfg, [12, 20, 30], [3, 6, 9])
     verdicts = report(results, scale)
     meta = {

@@ -191,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision inside the unroll (float16 adds a GradScaler; weights, images "
         "and gradients stay float32)",
     )
+    run.add_argument(
+        "--compile-inner",
+        action="store_true",
+        help="torch.compile the inner steps that need no graph (compiled once per batch shape)",
+    )
     run.add_argument("--ipc", type=int, default=1, help="images per class")
     run.add_argument("--syn-steps", type=int, default=10, help="inner steps N")
     run.add_argument(
@@ -262,6 +267,7 @@ def _config(args: argparse.Namespace, perturbation: str) -> DistillConfig:
         match_step=args.match_step,
         fixed_fraction=args.fixed_fraction,
         autocast=None if args.autocast == "off" else args.autocast,
+        compile_inner=args.compile_inner,
         model=args.model,
         width=args.width,
         ipc=args.ipc,

@@ -59,7 +59,8 @@ class DistillConfig:
 
     ``autocast="bfloat16"`` (or ``"float16"``, with a ``GradScaler`` the run builds) runs each
     inner step's forward and loss in mixed precision; the images, weights and gradients stay
-    float32.
+    float32. ``compile_inner=True`` runs the inner steps that need no graph through
+    ``torch.compile`` (the same gradients; faster on CPU for larger batches).
 
     ``nonfinite="skip"`` skips an outer step whose loss or hypergradient is NaN or infinite
     (counted in the run's diagnostics) instead of stopping the run.
@@ -81,6 +82,7 @@ class DistillConfig:
     match_step: str = "final"
     fixed_fraction: float = 0.0
     autocast: str | None = None
+    compile_inner: bool = False
     model: str = "ConvNet"
     width: int | None = 32
     ipc: int = 1
@@ -209,6 +211,7 @@ def validate_config(config: DistillConfig) -> None:
         check_real(name, getattr(config, name), 0, low_open=True)
     check_real("ema_decay", config.ema_decay, 0, 1, high_open=True)
     check_bool("dsa", config.dsa)
+    check_bool("compile_inner", config.compile_inner)
     check_real("rho", config.rho, 0, low_open=True, optional=True)
     check_real("smooth", config.smooth, 0, optional=True)
     if config.method == "datm" and config.min_start_epoch >= config.max_start_epoch:

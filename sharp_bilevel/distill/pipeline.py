@@ -414,6 +414,7 @@ def distill(
             fixed_images=fixed_images,
             fixed_labels=fixed_labels,
             autocast=config.autocast,
+            compile_inner=config.compile_inner,
         )
         try:
             optimizer.step(closure, skip_if=gate)

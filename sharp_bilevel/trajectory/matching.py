@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..optim.context import StepContext
 from .checkpointed import checkpointed_backward, segment_starts
+from .compiled import compiled_inner_gradient
 from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import InnerOptimizer, PlainSGD
 from .selection import ParameterSelection
@@ -80,6 +81,10 @@ class TrajectoryMatching:
             step's forward and inner loss run under ``torch.autocast``; the flat weights, the
             images, ``syn_lr`` and the accumulated hypergradient stay float32. None (default):
             off.
+        compile_inner: run the inner steps that need no graph (before ``iota``; TESLA's and
+            the checkpointed forward passes) through ``torch.compile``
+            (`sharp_bilevel.trajectory.compiled`), compiled once per network and batch shape;
+            False (default): eager.
     """
 
     def __init__(
@@ -105,9 +110,13 @@ class TrajectoryMatching:
         fixed_images: Tensor | None = None,
         fixed_labels: Tensor | None = None,
         autocast: torch.dtype | str | None = None,
+        compile_inner: bool = False,
     ) -> None:
         self.student = as_student(student)
         self.autocast = autocast_dtype(autocast)
+        if not isinstance(compile_inner, bool):
+            raise ValueError(f"compile_inner must be True or False, got {compile_inner!r}")
+        self.compile_inner = compile_inner
         if match_step not in _MATCH_STEPS:
             raise ValueError(f"match_step must be one of {_MATCH_STEPS}, got {match_step!r}")
         if selection is not None and not isinstance(selection, ParameterSelection):
@@ -226,6 +235,7 @@ class TrajectoryMatching:
             shard=self.shard,
             closest_to=closest_to,
             autocast=self.autocast,
+            compile_inner=self.compile_inner,
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         if tau is not None and saved is not None:
@@ -311,6 +321,7 @@ class TrajectoryMatching:
             self.soft_labels,
             None,
             self.autocast,
+            self._compiled(),
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         record = False
@@ -387,6 +398,7 @@ class TrajectoryMatching:
             self.soft_labels,
             None,
             self.autocast,
+            self._compiled(),
         )
         saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
         record = False
@@ -449,6 +461,13 @@ class TrajectoryMatching:
             self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
         self.last_unroll = result
         return loss.detach()
+
+    def _compiled(self) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        if not self.compile_inner:
+            return None
+        return compiled_inner_gradient(
+            self.student, self.student.fresh_buffers(), self.soft_labels, self.autocast
+        )
 
     def _inner_set(self) -> tuple[Tensor, Tensor]:
         """The inner loop's images and labels: the learnable ones, then the fixed ones."""

@@ -16,6 +16,7 @@ statistics, so the running values never enter the unroll anyway. Instance norm (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -156,6 +157,18 @@ def as_student(net: nn.Module | Student) -> Student:
         return net
     if isinstance(net, nn.DataParallel):  # MTT's multi-GPU wrapper: drive the inner module
         return as_student(net.module)
+    original = getattr(net, "_orig_mod", None)
+    if isinstance(net, nn.Module) and isinstance(original, nn.Module):
+        # torch.compile(net): functional calls through the wrapper would recompile (or fall back
+        # to eager) on every new flat vector; drive the original module and say what compiles.
+        warnings.warn(
+            "a torch.compile'd network was given as the student: it is driven through its "
+            "original module (eager); pass compile_inner=True to the objective to compile the "
+            "inner steps that need no graph",
+            UserWarning,
+            stacklevel=2,
+        )
+        return as_student(original)
     if isinstance(net, nn.Module):
         if isinstance(getattr(net, "flat_param", None), Tensor) and hasattr(net, "module"):
             return ReparamStudent(net)

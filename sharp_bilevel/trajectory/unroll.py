@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiled import compiled_inner_gradient
 from .inner import InnerOptimizer, PlainSGD, detach_state
 from .selection import ParameterSelection
 from .sharded import Shard, check_shardable, copy_to_ranks, reduce_from_ranks
@@ -92,6 +93,7 @@ def unroll(
     closest_to: Tensor | None = None,
     autocast: torch.dtype | None = None,
     stop_step: int | None = None,
+    compile_inner: bool = False,
 ) -> UnrollResult:
     r"""Run inner steps ``start_step..N-1`` of ``plan`` from ``start``:
 
@@ -125,6 +127,8 @@ def unroll(
             graph) nearest to it in L1 distance, ``UnrollResult.closest``.
         stop_step: run up to (not including) this step instead of ``N`` (a segment of a
             checkpointed unroll); ``final`` is then ``w_stop``.
+        compile_inner: the steps without graph use the compiled inner gradient
+            (`sharp_bilevel.trajectory.compiled`); the steps with graph stay eager.
         autocast: ``torch.bfloat16`` or ``torch.float16``: each step's forward and inner loss
             run under ``torch.autocast`` (mixed precision); ``w``, the images, ``syn_lr`` and
             every gradient keep their own (float32) dtype. None: off.
@@ -138,8 +142,11 @@ def unroll(
     buffers = student.fresh_buffers()
     if shard is not None:
         check_shardable(buffers)
+    compiled = None
+    if compile_inner and loss_fn is None:
+        compiled = compiled_inner_gradient(student, buffers, soft_targets, autocast)
     problem = _InnerProblem(
-        student, buffers, images, targets, augmentation, soft_targets, loss_fn, autocast
+        student, buffers, images, targets, augmentation, soft_targets, loss_fn, autocast, compiled
     )
     w = start.detach().requires_grad_(True)
     state = inner.init(w) if start_state is None else start_state
@@ -196,6 +203,7 @@ class _InnerProblem:
     soft: bool
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None
     autocast: torch.dtype | None = None
+    compiled: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def gradient(self, w: Tensor, indices: Tensor, draw: Any, graph: bool) -> Tensor:
         """``g_i``: the gradient of the mean inner loss over the minibatch ``indices`` at ``w``
@@ -208,6 +216,8 @@ class _InnerProblem:
         y = self.targets[idx.to(self.targets.device)]
         if not graph:
             y = y.detach()
+            if self.compiled is not None:  # a step without graph: the compiled function
+                return self.compiled(w.detach(), x.detach(), y)
         with torch.autocast(
             self.images.device.type,
             dtype=self.autocast or torch.bfloat16,

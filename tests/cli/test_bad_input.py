@@ -158,6 +158,7 @@ CONFIG_CASES = [
     ({"pad_ratio": 1.0}, "pad_ratio", r"\[0, 1\)"),
     ({"match_step": "best"}, "match_step", r"one of final, closest"),
     ({"autocast": "int8"}, "autocast", r"one of bfloat16, float16"),
+    ({"compile_inner": "yes"}, "compile_inner", r"True or False"),
     ({"fixed_fraction": 0.4, "ipc": 2}, "fixed_fraction", r"fixes no image"),
     ({"fixed_fraction": 1.0, "ipc": 2}, "fixed_fraction", r"\[0, 1\)"),
     ({"keep": (3, 2)}, "keep", r"pair of ints"),
