@@ -216,8 +216,8 @@ class _InnerProblem:
         y = self.targets[idx.to(self.targets.device)]
         if not graph:
             y = y.detach()
-            if self.compiled is not None:  # a step without graph: the compiled function
-                return self.compiled(w.detach(), x.detach(), y)
+            if self.compiled is not None and not saved_tensor_hooks_active():
+                return self.compiled(w.detach(), x.detach(), y)  # a step without graph
         with torch.autocast(
             self.images.device.type,
             dtype=self.autocast or torch.bfloat16,
@@ -251,6 +251,13 @@ class _InnerProblem:
         total = part.detach().clone()
         dist.all_reduce(total, group=shard.group)
         return total
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether a ``saved_tensors_hooks`` context is open (``torch.func`` refuses to run inside
+    one, so the compiled inner step then falls back to the eager one)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _select(draw: Any, positions: Tensor) -> Any:

@@ -91,3 +91,14 @@ def test_a_compiled_network_is_driven_through_its_original_module() -> None:
         closure = objective(problem, UnrollSettings(keep=2), False)
     for a, b in zip(library_grads(closure, problem.leaves()), eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_inside_saved_tensor_hooks_the_eager_step_is_used() -> None:
+    """torch.func refuses saved-tensor hooks (activation offloading, memory meters): the
+    compiled path steps aside for the eager one, with the same gradients."""
+    problem = Problem(45)
+    eager = library_grads(objective(problem, UnrollSettings(keep=2), False), problem.leaves())
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        hooked = library_grads(objective(problem, UnrollSettings(keep=2), True), problem.leaves())
+    for a, b in zip(hooked, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
