@@ -31,6 +31,7 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path: Path) -> None
     assert scale["satm"]["memory_vs_mtt"] < 1.0  # TUH keeps fewer steps' activations
     assert scale["tesla"]["memory_vs_mtt"] < 1.0
     assert 0 < doc["precision"]["bfloat16"]["relative_error"] < 1.0
+    assert doc["compiled_inner_step"]["speed_up"] > 0
     text = (tmp_path / "gpu_check_quick.md").read_text()
     assert "17.1" in text  # the paper's figures stand beside ours
     assert "| satm |" in text
