@@ -8,18 +8,16 @@ import torch
 from torch import Tensor, nn
 
 from ..optim.context import StepContext
-from .checkpointed import checkpointed_backward, segment_starts
 from .compiled import compiled_inner_gradient
+from .graphless import TR_KEY, checkpointed_pass, tesla_pass
 from .hypergradient import UnrollSettings, first_order_lr_grad
-from .inner import InnerOptimizer, PlainSGD
+from .inner import InnerOptimizer
 from .selection import ParameterSelection
 from .sharded import Shard
 from .step_plan import Augmentation, StepPlan
 from .student import Student, as_student
-from .tesla import tesla_backward, tesla_forward
-from .unroll import UnrollResult, _InnerProblem, matching_loss, unroll
+from .unroll import UnrollResult, matching_loss, unroll
 
-_TR_KEY = "trajectory_reuse"
 _MATCH_STEPS = ("final", "closest")
 
 
@@ -223,9 +221,9 @@ class TrajectoryMatching:
         images, labels = self._inner_set()
         closest_to = self.expert_target if self.match_step == "closest" else None
         if settings.hypergradient == "tesla":
-            return self._tesla(ctx, iota, tau, images, labels, closest_to)
+            return tesla_pass(self, ctx, iota, tau, images, labels, closest_to)
         if settings.hypergradient == "checkpointed":
-            return self._checkpointed(ctx, settings, iota, tau, images, labels, closest_to)
+            return checkpointed_pass(self, ctx, settings, iota, tau, images, labels, closest_to)
         common = dict(
             soft_targets=self.soft_labels,
             augmentation=self.augmentation,
@@ -237,7 +235,7 @@ class TrajectoryMatching:
             autocast=self.autocast,
             compile_inner=self.compile_inner,
         )
-        saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
+        saved = ctx.scratch.get(TR_KEY) if (ctx is not None and ctx.is_descent) else None
         if tau is not None and saved is not None:
             w_tau, state_tau, before = saved
             result = unroll(
@@ -265,7 +263,7 @@ class TrajectoryMatching:
                 **common,  # type: ignore[arg-type]
             )
             if record and ctx is not None:
-                ctx.scratch[_TR_KEY] = (
+                ctx.scratch[TR_KEY] = (
                     result.recorded,
                     result.recorded_state,
                     result.direction_sum_before,
@@ -291,173 +289,6 @@ class TrajectoryMatching:
                 leaf.grad = grad if leaf.grad is None else leaf.grad + grad
         if wants_lr:
             value = first_order_lr_grad(grads[len(leaves)], directions)
-            self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
-        self.last_unroll = result
-        return loss.detach()
-
-    def _tesla(
-        self,
-        ctx: StepContext | None,
-        iota: int,
-        tau: int | None,
-        images: Tensor,
-        labels: Tensor,
-        closest_to: Tensor | None,
-    ) -> Tensor:
-        """The objective with TESLA's hypergradient (`sharp_bilevel.trajectory.tesla`)."""
-        if self.inner is not None and not isinstance(self.inner, PlainSGD):
-            raise ValueError(
-                f"hypergradient='tesla' assumes plain SGD inside (w <- w - alpha g), got inner="
-                f"{self.inner!r}; use hypergradient='bptt' with another inner optimizer"
-            )
-        if self.shard is not None:
-            raise ValueError("hypergradient='tesla' does not support a sharded set yet")
-        problem = _InnerProblem(
-            self.student,
-            self.student.fresh_buffers(),
-            images,
-            labels,
-            self.augmentation,
-            self.soft_labels,
-            None,
-            self.autocast,
-            self._compiled(),
-        )
-        saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
-        record = False
-        if tau is not None and saved is not None:
-            start, start_state, before = saved
-            start_step = tau
-        else:
-            start, start_state, before, start_step = self.expert_start, None, None, 0
-            record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
-        trajectory = tesla_forward(
-            problem,
-            start,
-            self.syn_lr,
-            self.plan,
-            first_term=max(iota, start_step),
-            start_step=start_step,
-            start_state=start_state,
-            record_at=tau if record else None,
-            closest_to=closest_to,
-        )
-        result = trajectory.result
-        if record and ctx is not None:
-            ctx.scratch[_TR_KEY] = (
-                result.recorded,
-                result.recorded_state,
-                result.direction_sum_before,
-            )
-        matched = result.final if closest_to is None else result.closest
-        stop = self.plan.num_steps if closest_to is None else result.closest_step
-        assert matched is not None
-        assert stop is not None
-        directions = self._directions(result)
-        if before is not None:
-            directions = before + directions
-        with torch.enable_grad():
-            point = matched.detach().requires_grad_(True)
-            loss = matching_loss(point, self.expert_target, self.expert_start, self.selection)
-            (v,) = torch.autograd.grad(loss if ctx is None else ctx.scale(loss), [point])
-        leaves = [t for t in (self.images, self.labels) if t.requires_grad]
-        parts = tesla_backward(problem, trajectory, self.plan, self.syn_lr, v, leaves, stop)
-        for leaf, grad in zip(leaves, parts, strict=True):
-            if grad is not None:
-                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
-        if self.syn_lr.requires_grad:
-            value = first_order_lr_grad(v, directions)
-            self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
-        self.last_unroll = result
-        return loss.detach()
-
-    def _checkpointed(
-        self,
-        ctx: StepContext | None,
-        settings: UnrollSettings,
-        iota: int,
-        tau: int | None,
-        images: Tensor,
-        labels: Tensor,
-        closest_to: Tensor | None,
-    ) -> Tensor:
-        """Exact BPTT with segment checkpoints (`sharp_bilevel.trajectory.checkpointed`)."""
-        mode = "hypergradient='checkpointed'"
-        if self.inner is not None and not isinstance(self.inner, PlainSGD):
-            raise ValueError(f"{mode} needs plain SGD inside, got inner={self.inner!r}")
-        if self.shard is not None:
-            raise ValueError(f"{mode} does not support a sharded set yet")
-        if closest_to is not None:
-            raise ValueError(f"{mode} does not support match_step='closest' yet")
-        problem = _InnerProblem(
-            self.student,
-            self.student.fresh_buffers(),
-            images,
-            labels,
-            self.augmentation,
-            self.soft_labels,
-            None,
-            self.autocast,
-            self._compiled(),
-        )
-        saved = ctx.scratch.get(_TR_KEY) if (ctx is not None and ctx.is_descent) else None
-        record = False
-        if tau is not None and saved is not None:
-            start, start_state, before = saved
-            start_step = tau
-        else:
-            start, start_state, before, start_step = self.expert_start, None, None, 0
-            record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
-        first = max(iota, start_step)
-        starts = segment_starts(first, self.plan.num_steps, settings.segment)
-        trajectory = tesla_forward(
-            problem,
-            start,
-            self.syn_lr,
-            self.plan,
-            first_term=first,
-            start_step=start_step,
-            start_state=start_state,
-            record_at=tau if record else None,
-            store=set(starts),
-        )
-        result = trajectory.result
-        if record and ctx is not None:
-            ctx.scratch[_TR_KEY] = (
-                result.recorded,
-                result.recorded_state,
-                result.direction_sum_before,
-            )
-        first_order = settings.lr_gradient == "first_order"
-        with torch.enable_grad():
-            point = result.final.detach().requires_grad_(True)
-            loss = matching_loss(point, self.expert_target, self.expert_start, self.selection)
-            (v,) = torch.autograd.grad(loss if ctx is None else ctx.scale(loss), [point])
-        leaves = [t for t in (self.images, self.labels) if t.requires_grad]
-        exact_lr = not first_order and self.syn_lr.requires_grad
-        parts = checkpointed_backward(
-            self.student,
-            trajectory,
-            images,
-            labels,
-            self.syn_lr,
-            self.plan,
-            v,
-            [*leaves, self.syn_lr] if exact_lr else leaves,
-            starts,
-            soft_targets=self.soft_labels,
-            augmentation=self.augmentation,
-            lr_in_graph=not first_order,
-            inner=self.inner,
-            autocast=self.autocast,
-        )
-        targets = [*leaves, self.syn_lr] if exact_lr else leaves
-        for leaf, grad in zip(targets, parts, strict=True):
-            if grad is not None:
-                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
-        if first_order and self.syn_lr.requires_grad:
-            directions = result.direction_sum if before is None else before + result.direction_sum
-            value = first_order_lr_grad(v, directions)
             self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
         self.last_unroll = result
         return loss.detach()
