@@ -179,14 +179,14 @@ def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_pa
     ]
     url = (site / "api" / "optimizer.html").as_uri()
     dom = subprocess.run(
-        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=300
     )
     text = re.sub(r"<[^>]+>", "", dom.stdout)
     assert "SharpBilevelOptimizer(" in text
     for argument in ("base_optimizer", "perturbation", "rho", "smooth", "nonfinite"):
         assert argument in text
     shot = tmp_path / "api.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=300)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
