@@ -29,6 +29,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 result = getattr(importlib.import_module(module), name)(rank, world, **json.loads({kwargs!r}))
 torch.save(result, {out!r} + f"/rank{{rank}}.pt")
 if dist.is_initialized():
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 """
 

@@ -537,6 +537,7 @@ def _run(args: argparse.Namespace) -> int:
             _save_run(result, folder)
         results[config.label] = result
     if launch.world_size > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()  # evaluation is rank 0's alone
     if not launch.is_main:
         return 0
