@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from ..optim.context import StepContext
 from .compiled import compiled_inner_gradient
-from .graphless import TR_KEY, checkpointed_pass, tesla_pass
+from .graphless import checkpointed_pass, tesla_pass
 from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import InnerOptimizer
+from .reuse import accumulate, assign_lr_grad, record_restart, restart_point, with_before
 from .selection import ParameterSelection
 from .sharded import Shard
 from .step_plan import Augmentation, StepPlan
@@ -235,40 +236,21 @@ class TrajectoryMatching:
             autocast=self.autocast,
             compile_inner=self.compile_inner,
         )
-        saved = ctx.scratch.get(TR_KEY) if (ctx is not None and ctx.is_descent) else None
-        if tau is not None and saved is not None:
-            w_tau, state_tau, before = saved
-            result = unroll(
-                self.student,
-                w_tau,
-                images,
-                labels,
-                self.syn_lr,
-                self.plan,
-                start_step=tau,
-                start_state=state_tau,
-                **common,  # type: ignore[arg-type]
-            )
-            directions = before + self._directions(result)
-        else:
-            record = ctx is not None and ctx.is_ascent and ctx.two_pass and tau is not None
-            result = unroll(
-                self.student,
-                self.expert_start,
-                images,
-                labels,
-                self.syn_lr,
-                self.plan,
-                record_at=tau if record else None,
-                **common,  # type: ignore[arg-type]
-            )
-            if record and ctx is not None:
-                ctx.scratch[TR_KEY] = (
-                    result.recorded,
-                    result.recorded_state,
-                    result.direction_sum_before,
-                )
-            directions = self._directions(result)
+        restart = restart_point(ctx, tau, self.expert_start)
+        result = unroll(
+            self.student,
+            restart.start,
+            images,
+            labels,
+            self.syn_lr,
+            self.plan,
+            start_step=restart.step,
+            start_state=restart.state,
+            record_at=tau if restart.record else None,
+            **common,  # type: ignore[arg-type]
+        )
+        record_restart(ctx, restart, result)
+        directions = with_before(restart, self._directions(result))
         matched = result.final if closest_to is None else result.closest
         assert matched is not None
         loss = matching_loss(matched, self.expert_target, self.expert_start, self.selection)
@@ -284,12 +266,9 @@ class TrajectoryMatching:
             targets.append(result.graph_start)
         scaled = loss if ctx is None else ctx.scale(loss)  # a GradScaler's scale, if any
         grads = torch.autograd.grad(scaled, targets, allow_unused=True) if targets else ()
-        for leaf, grad in zip(leaves, grads, strict=False):
-            if grad is not None:  # accumulate like backward()
-                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        accumulate(leaves, grads)
         if wants_lr:
-            value = first_order_lr_grad(grads[len(leaves)], directions)
-            self.syn_lr.grad = value.reshape(self.syn_lr.shape).to(self.syn_lr.dtype)
+            assign_lr_grad(self.syn_lr, first_order_lr_grad(grads[len(leaves)], directions))
         self.last_unroll = result
         return loss.detach()
 
