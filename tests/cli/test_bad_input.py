@@ -107,6 +107,29 @@ def test_cli_refuses_bad_input_before_any_work(
     assert not (out / "experts").exists()
 
 
+def _page_examples() -> list[tuple[list[str], str]]:
+    """``$ python -m sharp_bilevel ARGS`` lines of docs/cli.md and the line printed under each."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    lines = text.splitlines()
+    return [
+        (line.split()[4:], lines[i + 1])
+        for i, line in enumerate(lines)
+        if line.startswith("$ python -m sharp_bilevel ")
+    ]
+
+
+@pytest.mark.usefixtures("no_work")
+def test_the_cli_page_shows_what_the_cli_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    examples = _page_examples()
+    assert len(examples) >= 2
+    for argv, shown in examples:
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--out", str(tmp_path / "out"), "--quiet"])
+        assert capsys.readouterr().err.strip() == shown, argv
+
+
 def test_cli_real_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def bug(*args: object, **kwargs: object) -> None:
         raise KeyError("a bug, not a user error")
