@@ -1,0 +1,377 @@
+"""Markdown and plots of ``evidence.py``'s JSON (rewritten after every job, so partial runs read).
+
+Per-seed accuracy = the mean over evaluation seeds; rows give mean ± std over distillation seeds
+and the paired difference to MTT with its 95% t-interval (`evidence_stats.paired_interval`): a
+difference is marked **real** only when the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from evidence_stats import paired_interval
+
+MARKER = "<!-- discussion: hand-written below this line, kept when the script rewrites the file -->"
+BASE = "MTT"
+
+
+def _key(ipc: int, row: str, lr: float, seed: int) -> str:
+    return f"ipc{ipc}/{row}/lr{lr:.6g}/seed{seed}"
+
+
+def _picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
+    """{row: {"grid": {lr: val acc}, "pick": lr | None}} for the tuned rows."""
+    plan = report["plan"]
+    out: dict[str, dict[str, Any]] = {}
+    for row in plan["rows"]:
+        grid: dict[float, float] = {}
+        for m in plan["lr_grid"]:
+            lr = plan["lr_base"] * m
+            entry = report["val"].get(_key(ipc, row, lr, plan["seeds"][0]))
+            if entry is not None:
+                grid[lr] = entry["accuracy"]["ConvNet"]["mean"]
+        if not grid:
+            continue
+        full = len(grid) == len(plan["lr_grid"])
+        pick = max(grid, key=lambda lr: (grid[lr], -list(grid).index(lr))) if full else None
+        out[row] = {"grid": grid, "pick": pick}
+    return out
+
+
+def lrs(report: dict[str, Any], ipc: int) -> dict[tuple[str, str], float]:
+    """{(row, "shared"|"tuned"): lr_img} as ``evidence.table_runs`` chooses them."""
+    plan = report["plan"]
+    picks = _picks(report, ipc)
+    shared = picks.get(BASE, {}).get("pick")
+    if shared is None:
+        return {}
+    out: dict[tuple[str, str], float] = {}
+    ratio = plan["syn_steps"] / report["keep"]
+    for row in plan["rows"]:
+        out[(row, "shared")] = shared * ratio if row.startswith("TUH, lr") else shared
+        if row in picks and picks[row]["pick"] is not None:
+            out[(row, "tuned")] = picks[row]["pick"]
+    return out
+
+
+def per_seed(report: dict[str, Any], ipc: int, row: str, lr: float, arch: str) -> dict[int, float]:
+    out = {}
+    for seed in report["plan"]["seeds"]:
+        entry = report["test"].get(_key(ipc, row, lr, seed))
+        if entry is not None:
+            out[seed] = entry["accuracy"][arch]["mean"]
+    return out
+
+
+def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * sd:.{digits}f}"
+
+
+def _ms_g(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3g} ± {sd:.2g}"
+
+
+def _diff(a: dict[int, float], b: dict[int, float], scale: float = 100.0, fmt: str = "+.2f") -> str:
+    seeds = sorted(set(a) & set(b))
+    p = paired_interval([a[s] for s in seeds], [b[s] for s in seeds])
+    if p.n < 2:
+        return "–"
+    tag = " **real**" if p.called else ""
+    m, lo, hi = (format(scale * v, fmt) for v in (p.mean, p.low, p.high))
+    return f"{m} [{lo}, {hi}]{tag}"
+
+
+def _reference(report: dict[str, Any], ipc: int, which: str, arch: str) -> list[float]:
+    return [
+        v[which][arch]["mean"] for k, v in report["reference"].items() if k.startswith(f"ipc{ipc}/")
+    ]
+
+
+def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
+    plan = report["plan"]
+    archs = plan["archs"]
+    table = lrs(report, ipc)
+    head = ["row", "lr_img", "seeds"]
+    for a in archs:
+        head += [f"{a} %", f"{a} Δ vs MTT [95% CI]"]
+    head += ["image step", "image change"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for which, label in (("init", "init (real, iter 0)"), ("random", "random real")):
+        cells = [label, "–", str(len(_reference(report, ipc, which, archs[0])))]
+        for a in archs:
+            cells += [_ms(_reference(report, ipc, which, a)), ""]
+        lines.append("| " + " | ".join([*cells, "", ""]) + " |")
+    for kind in ("shared", "tuned"):
+        base_lr = table.get((BASE, kind))
+        for row in plan["rows"]:
+            lr = table.get((row, kind))
+            if lr is None or (kind == "tuned" and lr == table.get((row, "shared"))):
+                continue  # a tuned pick equal to the shared lr is the same run: not repeated
+            runs = [report["distill"].get(_key(ipc, row, lr, s)) for s in plan["seeds"]]
+            runs = [r for r in runs if r is not None]
+            cells = [f"{row} ({kind} lr)", f"{lr:.3g}", ""]
+            n = 0
+            for a in archs:
+                mine = per_seed(report, ipc, row, lr, a)
+                n = max(n, len(mine))
+                base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
+                cells += [_ms(list(mine.values())), "" if row == BASE else _diff(mine, base)]
+            cells[2] = str(n)
+            steps = [r["step_median"] for r in runs]
+            change = [r["image_change"] for r in runs]
+            cells += [
+                f"{statistics.fmean(steps):.3g}" if steps else "–",
+                f"{100 * statistics.fmean(change):.1f}%" if change else "–",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
+    """Per shared-lr row: mean loss per radius, eigenvalues per seed, perturbed accuracies."""
+    plan = report["plan"]
+    table = lrs(report, ipc)
+    out: dict[str, dict[str, Any]] = {}
+    for row in plan["rows"]:
+        lr = table.get((row, "shared"))
+        if lr is None:
+            continue
+        losses: list[list[float]] = []
+        eig: dict[int, float] = {}
+        acc: dict[str, float] = {}
+        for seed in plan["seeds"]:
+            entry = report["flatness"].get(_key(ipc, row, lr, seed))
+            if entry is None:
+                continue
+            losses.append([statistics.fmean(r) for r in entry["losses"]])
+            if "eigenvalue" in entry:
+                eig[seed] = entry["eigenvalue"]
+            acc.update(entry.get("accuracy_perturbed", {}))
+        if losses:
+            curve = [statistics.fmean(c) for c in zip(*losses, strict=True)]
+            out[row] = {"curve": curve, "n": len(losses), "eig": eig, "acc": acc}
+    return out
+
+
+def flatness_lines(report: dict[str, Any], ipc: int) -> list[str]:
+    plan = report["plan"]
+    rows = flatness_rows(report, ipc)
+    radii = plan["radii"]
+    head = ["row", "seeds"] + [f"L(r={r:g})" for r in radii] + ["λ_max", "Δλ vs MTT [95% CI]"]
+    head += [f"acc r={r:g} (seed 0)" for r in plan["acc_radii"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows.get(BASE, {}).get("eig", {})
+    for row, v in rows.items():
+        eig = v["eig"]
+        cells = [row, str(v["n"])] + [f"{x:.4f}" for x in v["curve"]]
+        cells.append(_ms_g(list(eig.values())) if eig else "–")
+        cells.append("" if row == BASE or not eig else _diff(eig, base, 1.0, "+.3g"))
+        cells += [
+            f"{100 * v['acc'][f'{r:g}']:.1f}" if f"{r:g}" in v["acc"] else "–"
+            for r in plan["acc_radii"]
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _norms(report: dict[str, Any]) -> dict[int, float]:
+    """Mean ||x_0|| of the initial images per IPC (from the distillation runs)."""
+    out: dict[int, list[float]] = {}
+    for entry in report["distill"].values():
+        if "initial_norm" in entry:
+            out.setdefault(entry["ipc"], []).append(entry["initial_norm"])
+    return {ipc: statistics.fmean(v) for ipc, v in sorted(out.items())}
+
+
+def settings_lines(report: dict[str, Any]) -> list[str]:
+    plan = report["plan"]
+    data = report.get("data", {})
+    ratio = plan["syn_steps"] / report["keep"]
+    grid = ", ".join(f"{plan['lr_base'] * m:.3g}" for m in plan["lr_grid"])
+    return [
+        f"* Data: {plan['dataset']} {'x'.join(map(str, data.get('shape', [])))}: "
+        f"{data.get('train')} train (experts and initial images), {data.get('val')} validation "
+        f"({100 * plan['val_fraction']:.0f}% of each class held out of the training images; "
+        f"lr tuning only), {data.get('test')} test images.",
+        f"* Experts: {plan['num_experts']} x ConvNet width {plan['width']}, SGD lr 0.01, "
+        f"{plan['expert_epochs_trained']} epochs, DSA.",
+        f"* Distillation: ConvNet width {plan['width']}, N = {plan['syn_steps']} inner steps, "
+        f"M = {plan['expert_epochs']} expert epochs, start epoch < {plan['max_start_epoch']}, "
+        f"{plan['iterations']} iterations, batch_syn {dict(plan['batch_syn'])}, DSA, "
+        "lr_lr 1e-6; rules at their library defaults. TUH keeps "
+        f"{report['keep']} of {plan['syn_steps']} steps (N/keep = {ratio:.3g}).",
+        "* Radius: the SAM-family default rho = 0.05 is "
+        + ", ".join(
+            f"{100 * 0.05 / n:.2g}% of ||x_0|| at IPC {ipc} (||x_0|| ≈ {n:.0f})"
+            for ipc, n in _norms(report).items()
+        )
+        + "; the `rho 2` rows use 40x that.",
+        f"* lr_img grid: {grid}, scored at distillation seed "
+        f"{plan['seeds'][0]} on the validation split (ConvNet, one evaluation seed); "
+        "*shared lr* = MTT's pick for every row, *tuned lr* = each row's own pick.",
+        f"* Evaluation: distillation seeds {plan['seeds']} x evaluation seeds "
+        f"{plan['eval_seeds']}, {plan['eval_epochs']} epochs, archs {plan['archs']}, at the "
+        "learned syn_lr (init and random real: 0.01).",
+        f"* Flatness: outer loss over {plan['windows']} frozen windows (the same for every set), "
+        f"{plan['directions']} random directions per radius r (relative: ||δ|| = r ||x||); "
+        f"λ_max after {plan['hessian_iterations']} power iterations (seeds "
+        f"{plan['hessian_seeds']}); test accuracy under perturbation at seed 0.",
+    ]
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    plan = report["plan"]
+    lines = [
+        f"# Evidence on real images: {plan['dataset']}",
+        "",
+        f"Generated by `benchmarks/evidence.py` ({report.get('variant', 'full')} plan, "
+        f"{report['date']}); torch "
+        f"{report['machine']['torch']}, {report['machine']['cpu_cores']} CPU cores; "
+        f"{len(report['jobs'])} jobs, {report['wall_seconds'] / 60:.1f} min wall clock.",
+        "",
+        "## Settings",
+        "",
+        *settings_lines(report),
+        "",
+        "## Truncated vs exact image hypergradient (initial images, seed 0)",
+        "",
+        "| IPC | keep / N | norm ratio ‖g_TUH‖/‖g‖ (mean, per window) | cosine (mean) |",
+        "|---|---|---|---|",
+    ]
+    for ipc in plan["ipcs"]:
+        r = report["norm_ratio"].get(f"ipc{ipc}")
+        if r is not None:
+            per = ", ".join(f"{x:.2f}" for x in r["norm_ratio"])
+            lines.append(
+                f"| {ipc} | {r['keep']} / {r['syn_steps']} | {r['norm_ratio_mean']:.3f} ({per}) "
+                f"| {r['cosine_mean']:.3f} |"
+            )
+    lines += ["", "## lr_img picks (validation accuracy % at each grid value)", ""]
+    for ipc in plan["ipcs"]:
+        for row, v in _picks(report, ipc).items():
+            grid = ", ".join(f"{lr:g}: {100 * a:.1f}" for lr, a in v["grid"].items())
+            pick = "–" if v["pick"] is None else f"{v['pick']:g}"
+            lines.append(f"* IPC {ipc}, {row}: {grid} → **{pick}**")
+    for ipc in plan["ipcs"]:
+        lines += [
+            "",
+            f"## Test accuracy, IPC {ipc}",
+            "",
+            "Mean ± std over distillation seeds; Δ = paired difference to MTT at the same lr "
+            "choice, 95% t-interval, **real** when it excludes 0. Tuned rows whose pick equals "
+            "the shared lr are the same runs and are not repeated. `image step` = lr_img x "
+            "median ‖∇_x L‖ per iteration; `image change` = ‖x_final − x_0‖/‖x_0‖.",
+            "",
+            *accuracy_lines(report, ipc),
+            "",
+            f"## Flatness, IPC {ipc} (shared lr)",
+            "",
+            "L(r) = outer loss at relative radius r, mean over directions and seeds; λ_max = "
+            "dominant Hessian eigenvalue of the outer loss w.r.t. the images.",
+            "",
+            *flatness_lines(report, ipc),
+        ]
+    text = "\n".join(lines) + "\n\n" + MARKER + "\n"
+    if path.is_file():
+        old = path.read_text()
+        if MARKER in old:
+            text += old.split(MARKER, 1)[1].lstrip("\n")
+    path.write_text(text)
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Accuracy bars (per arch and IPC) and loss-vs-radius curves; False if nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plan = report["plan"]
+    ipcs, archs = plan["ipcs"], plan["archs"]
+    if not any(lrs(report, ipc) for ipc in ipcs):
+        return False
+    fig, axes = plt.subplots(
+        len(archs) + 1,
+        len(ipcs),
+        figsize=(8.0 * len(ipcs), 3.8 * (len(archs) + 1)),
+        squeeze=False,
+    )
+    for j, ipc in enumerate(ipcs):
+        table = lrs(report, ipc)
+        for i, arch in enumerate(archs):
+            ax = axes[i][j]
+            names = list(plan["rows"])
+            for k, (kind, offset, hatch) in enumerate((("shared", -0.2, ""), ("tuned", 0.2, "//"))):
+                xs, ms, ss = [], [], []
+                for x, row in enumerate(names):
+                    lr = table.get((row, kind))
+                    vals = list(per_seed(report, ipc, row, lr, arch).values()) if lr else []
+                    if vals:
+                        xs.append(x + offset)
+                        ms.append(100 * statistics.fmean(vals))
+                        ss.append(100 * (statistics.stdev(vals) if len(vals) > 1 else 0.0))
+                ax.bar(
+                    xs,
+                    ms,
+                    0.4,
+                    yerr=ss,
+                    capsize=3,
+                    hatch=hatch,
+                    label=f"{kind} lr_img",
+                    color=("tab:blue", "tab:orange")[k],
+                    alpha=0.85,
+                )
+            for which, style in (("init", "--"), ("random", ":")):
+                vals = _reference(report, ipc, which, arch)
+                if vals:
+                    ax.axhline(
+                        100 * statistics.fmean(vals),
+                        color="k",
+                        ls=style,
+                        lw=1,
+                        label="init (real)" if which == "init" else "random real",
+                    )
+            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+            ax.set_title(f"IPC {ipc}, evaluated on {arch}")
+            ax.set_ylabel("test accuracy %")
+            heights = [b.get_height() for b in ax.patches] + [
+                100 * statistics.fmean(v)
+                for v in (_reference(report, ipc, w, arch) for w in ("init", "random"))
+                if v
+            ]
+            top = max(heights or [100.0])
+            ax.set_ylim(
+                max(0.0, min(heights or [0.0]) - 4),
+                min(100.0, top + 0.35 * (top - min(heights or [0.0])) + 3),
+            )
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="upper center", ncol=4)
+        ax = axes[len(archs)][j]
+        colors = plt.get_cmap("tab20")
+        for k, (row, v) in enumerate(flatness_rows(report, ipc).items()):
+            rise = [c - v["curve"][0] for c in v["curve"]]
+            style = "-" if k < 6 else ("--" if k < 10 else ":")
+            ax.plot(plan["radii"], rise, style, marker="os^"[k % 3], ms=3, label=row,
+                    color=colors(2 * k % 20 + k // 10))  # fmt: skip
+        ax.set_xlabel("relative radius r of the random image perturbation (||δ|| = r ||x||)")
+        ax.set_ylabel("L(x + δ) − L(x)")
+        ax.set_title(f"IPC {ipc}: loss rise under random perturbation (shared lr)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict[str, Any], out: Path, name: str, plot_too: bool = True) -> None:
+    """``name.md`` (always) and ``name.png`` (with ``plot_too``) in ``out``."""
+    write_markdown(report, out / f"{name}.md")
+    if plot_too:
+        plot(report, out / f"{name}.png")
