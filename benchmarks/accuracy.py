@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from discussion import write_keeping_discussion
 from torch import Tensor
 
 from sharp_bilevel.distill.data import DatasetSplit, load_digits
@@ -53,7 +54,6 @@ from sharp_bilevel.optim.perturbations import get_perturbation
 DATE = "2026-11-25"
 MIB = 2**20
 EXPERT_CACHE_LIMIT = 5 * MIB
-MARKER = "<!-- discussion: hand-written below this line, kept when the script rewrites the file -->"
 
 # (row label, DistillConfig overrides); every other setting is shared (``common_settings``)
 METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -523,12 +523,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             + " |"
         )
     lines.append("")
-    text = "\n".join(lines) + "\n" + MARKER + "\n"
-    if path.is_file():
-        old = path.read_text()
-        if MARKER in old:
-            text += old.split(MARKER, 1)[1].lstrip("\n")
-    path.write_text(text)
+    write_keeping_discussion(path, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evidence_report import write_report
+from evidence_report import BASE, MATCHED, run_key, table_runs, write_report
 
 from sharp_bilevel.distill.data import (
     DatasetSplit,
@@ -94,9 +94,7 @@ ROWS: list[tuple[str, dict[str, Any], bool]] = [
     ("TUH", {"perturbation": "none", **TUH}, False),
     ("TUH, lr x N/keep", {"perturbation": "none", **TUH}, False),
 ]
-MATCHED = "TUH, lr x N/keep"
 PLOT_EVERY = 300.0  # seconds between redrawn plots during a run (always at the end)
-BASE = "MTT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,10 +308,6 @@ def shape_kw(ctx: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # jobs (run in a worker: plain dicts in and out)
-
-
-def run_key(ipc: int, row: str, lr: float, seed: int) -> str:
-    return f"ipc{ipc}/{row}/lr{lr:.6g}/seed{seed}"
 
 
 def config_for(plan: Plan, ipc: int, row: str, lr: float, seed: int) -> DistillConfig:
@@ -576,38 +570,6 @@ def run_job(plan: Plan, cache: Path, kind: str, args: dict[str, Any]) -> dict[st
 # what is ready to run, given what is done
 
 
-def tuned_lr(plan: Plan, report: dict[str, Any], ipc: int, row: str) -> float | None:
-    """The grid value with the best validation accuracy at seed 0 (ties: the first in the grid);
-    None until every grid point of ``row`` is scored."""
-    best: tuple[float, float] | None = None
-    for m in plan.lr_grid:
-        lr = plan.lr_base * m
-        entry = report["val"].get(run_key(ipc, row, lr, plan.seeds[0]))
-        if entry is None:
-            return None
-        acc = entry["accuracy"]["ConvNet"]["mean"]
-        if best is None or acc > best[0]:
-            best = (acc, lr)
-    assert best is not None
-    return best[1]
-
-
-def table_runs(plan: Plan, report: dict[str, Any], ipc: int) -> dict[tuple[str, str], float]:
-    """{(row, "shared"|"tuned"): lr} for the rows whose lr is known."""
-    shared = tuned_lr(plan, report, ipc, BASE)
-    out: dict[tuple[str, str], float] = {}
-    if shared is None:
-        return out
-    ratio = plan.syn_steps / keep_steps(plan)
-    for row in plan.rows:
-        out[(row, "shared")] = shared * ratio if row == MATCHED else shared
-        if is_tuned(row):
-            lr = tuned_lr(plan, report, ipc, row)
-            if lr is not None:
-                out[(row, "tuned")] = lr
-    return out
-
-
 def ready(plan: Plan, report: dict[str, Any], cache: Path) -> list[tuple[str, str, dict]]:
     """Jobs whose inputs exist and whose results do not: (id, kind, args)."""
     jobs: list[tuple[str, str, dict]] = []
@@ -645,7 +607,7 @@ def ready(plan: Plan, report: dict[str, Any], cache: Path) -> list[tuple[str, st
                 elif key not in report["val"]:
                     add(f"val/{key}", "evaluate", {"key": key, "split": "val"})
         # the table runs, once their lr is known
-        for (row, kind), lr in table_runs(plan, report, ipc).items():
+        for (row, kind), lr in table_runs(report, ipc).items():
             for seed in plan.seeds:
                 key = run_key(ipc, row, lr, seed)
                 if not distilled(key):

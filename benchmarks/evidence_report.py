@@ -11,25 +11,29 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from discussion import write_keeping_discussion
 from evidence_stats import paired_interval
 
-MARKER = "<!-- discussion: hand-written below this line, kept when the script rewrites the file -->"
 BASE = "MTT"
+MATCHED = "TUH, lr x N/keep"
 
 
-def _key(ipc: int, row: str, lr: float, seed: int) -> str:
+def run_key(ipc: int, row: str, lr: float, seed: int) -> str:
+    """The id of one distillation run (and of its results) in the report."""
     return f"ipc{ipc}/{row}/lr{lr:.6g}/seed{seed}"
 
 
-def _picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
-    """{row: {"grid": {lr: val acc}, "pick": lr | None}} for the tuned rows."""
+def picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
+    """{row: {"grid": {lr: validation accuracy}, "pick": lr | None}} for the rows scored on the
+    validation split. The pick is the grid value with the best accuracy at the first
+    distillation seed (ties: the first in the grid), None until every grid point is scored."""
     plan = report["plan"]
     out: dict[str, dict[str, Any]] = {}
     for row in plan["rows"]:
         grid: dict[float, float] = {}
         for m in plan["lr_grid"]:
             lr = plan["lr_base"] * m
-            entry = report["val"].get(_key(ipc, row, lr, plan["seeds"][0]))
+            entry = report["val"].get(run_key(ipc, row, lr, plan["seeds"][0]))
             if entry is not None:
                 grid[lr] = entry["accuracy"]["ConvNet"]["mean"]
         if not grid:
@@ -40,26 +44,27 @@ def _picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def lrs(report: dict[str, Any], ipc: int) -> dict[tuple[str, str], float]:
-    """{(row, "shared"|"tuned"): lr_img} as ``evidence.table_runs`` chooses them."""
+def table_runs(report: dict[str, Any], ipc: int) -> dict[tuple[str, str], float]:
+    """{(row, "shared"|"tuned"): lr_img} for the rows whose lr is known: *shared* is MTT's pick
+    (x N/keep for the matched TUH row), *tuned* each scored row's own pick."""
     plan = report["plan"]
-    picks = _picks(report, ipc)
-    shared = picks.get(BASE, {}).get("pick")
+    scored = picks(report, ipc)
+    shared = scored.get(BASE, {}).get("pick")
     if shared is None:
         return {}
     out: dict[tuple[str, str], float] = {}
     ratio = plan["syn_steps"] / report["keep"]
     for row in plan["rows"]:
-        out[(row, "shared")] = shared * ratio if row.startswith("TUH, lr") else shared
-        if row in picks and picks[row]["pick"] is not None:
-            out[(row, "tuned")] = picks[row]["pick"]
+        out[(row, "shared")] = shared * ratio if row == MATCHED else shared
+        if row in scored and scored[row]["pick"] is not None:
+            out[(row, "tuned")] = scored[row]["pick"]
     return out
 
 
 def per_seed(report: dict[str, Any], ipc: int, row: str, lr: float, arch: str) -> dict[int, float]:
     out = {}
     for seed in report["plan"]["seeds"]:
-        entry = report["test"].get(_key(ipc, row, lr, seed))
+        entry = report["test"].get(run_key(ipc, row, lr, seed))
         if entry is not None:
             out[seed] = entry["accuracy"][arch]["mean"]
     return out
@@ -96,7 +101,7 @@ def _reference(report: dict[str, Any], ipc: int, which: str, arch: str) -> list[
 def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
     plan = report["plan"]
     archs = plan["archs"]
-    table = lrs(report, ipc)
+    table = table_runs(report, ipc)
     head = ["row", "lr_img", "seeds"]
     for a in archs:
         head += [f"{a} %", f"{a} Δ vs MTT [95% CI]"]
@@ -113,7 +118,7 @@ def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
             lr = table.get((row, kind))
             if lr is None or (kind == "tuned" and lr == table.get((row, "shared"))):
                 continue  # a tuned pick equal to the shared lr is the same run: not repeated
-            runs = [report["distill"].get(_key(ipc, row, lr, s)) for s in plan["seeds"]]
+            runs = [report["distill"].get(run_key(ipc, row, lr, s)) for s in plan["seeds"]]
             runs = [r for r in runs if r is not None]
             cells = [f"{row} ({kind} lr)", f"{lr:.3g}", ""]
             n = 0
@@ -136,7 +141,7 @@ def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
 def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
     """Per shared-lr row: mean loss per radius, eigenvalues per seed, perturbed accuracies."""
     plan = report["plan"]
-    table = lrs(report, ipc)
+    table = table_runs(report, ipc)
     out: dict[str, dict[str, Any]] = {}
     for row in plan["rows"]:
         lr = table.get((row, "shared"))
@@ -146,7 +151,7 @@ def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]
         eig: dict[int, float] = {}
         acc: dict[str, float] = {}
         for seed in plan["seeds"]:
-            entry = report["flatness"].get(_key(ipc, row, lr, seed))
+            entry = report["flatness"].get(run_key(ipc, row, lr, seed))
             if entry is None:
                 continue
             losses.append([statistics.fmean(r) for r in entry["losses"]])
@@ -254,7 +259,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             )
     lines += ["", "## lr_img picks (validation accuracy % at each grid value)", ""]
     for ipc in plan["ipcs"]:
-        for row, v in _picks(report, ipc).items():
+        for row, v in picks(report, ipc).items():
             grid = ", ".join(f"{lr:g}: {100 * a:.1f}" for lr, a in v["grid"].items())
             pick = "–" if v["pick"] is None else f"{v['pick']:g}"
             lines.append(f"* IPC {ipc}, {row}: {grid} → **{pick}**")
@@ -277,12 +282,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "",
             *flatness_lines(report, ipc),
         ]
-    text = "\n".join(lines) + "\n\n" + MARKER + "\n"
-    if path.is_file():
-        old = path.read_text()
-        if MARKER in old:
-            text += old.split(MARKER, 1)[1].lstrip("\n")
-    path.write_text(text)
+    write_keeping_discussion(path, "\n".join(lines) + "\n")
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
@@ -294,7 +294,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
     plan = report["plan"]
     ipcs, archs = plan["ipcs"], plan["archs"]
-    if not any(lrs(report, ipc) for ipc in ipcs):
+    if not any(table_runs(report, ipc) for ipc in ipcs):
         return False
     fig, axes = plt.subplots(
         len(archs) + 1,
@@ -303,7 +303,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         squeeze=False,
     )
     for j, ipc in enumerate(ipcs):
-        table = lrs(report, ipc)
+        table = table_runs(report, ipc)
         for i, arch in enumerate(archs):
             ax = axes[i][j]
             names = list(plan["rows"])

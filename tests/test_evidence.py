@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import evidence  # noqa: E402
+import evidence_report  # noqa: E402
 from evidence_stats import paired_interval, t_quantile  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -76,8 +77,8 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
                 ]["accuracy"]["ConvNet"]["mean"]
                 for m in plan.lr_grid
             }
-            assert evidence.tuned_lr(plan, report, ipc, row) == max(scores, key=scores.get)
-        table = evidence.table_runs(plan, report, ipc)
+            assert evidence_report.picks(report, ipc)[row]["pick"] == max(scores, key=scores.get)
+        table = evidence.table_runs(report, ipc)
         shared = table[("MTT", "shared")]
         assert table[(evidence.MATCHED, "shared")] == pytest.approx(
             shared * plan.syn_steps / evidence.keep_steps(plan)
@@ -99,7 +100,7 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
         assert all(-1 <= c <= 1 for c in ratio["cosine"])
     # the Markdown's interval for SATM vs MTT at IPC 1 is the paired t-interval of the JSON
     ipc = plan.ipcs[0]
-    table = evidence.table_runs(plan, report, ipc)
+    table = evidence.table_runs(report, ipc)
 
     def accs(row: str) -> list[float]:
         lr = table[(row, "shared")]
