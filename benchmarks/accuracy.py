@@ -195,10 +195,7 @@ def initial_images(train_images: Tensor, train_labels: Tensor, ipc: int, seed: i
 
 
 def _acc_json(results: dict[str, EvalResult]) -> dict[str, Any]:
-    return {
-        arch: {"accuracies": r.accuracies, "mean": r.mean, "std": r.std}
-        for arch, r in results.items()
-    }
+    return {arch: r.as_dict() for arch, r in results.items()}
 
 
 def _cells(results: dict[str, Any]) -> str:

@@ -15,14 +15,16 @@ every distillation seed, each row distils from the same experts and initial imag
   TUH, lr x N/keep                            the same at the image lr scaled by N/keep
 
 *Shared lr*: every row at MTT's ``lr_img``. *Tuned lr*: every tunable row at its own ``lr_img``;
-both picks come from the same grid (``lr_base * lr_grid``) at distillation seed 0, scored on a
-held-out split of the TRAINING images (ConvNet, one evaluation seed); the test set is never
-used to choose. Each final set is then evaluated on the test set (several evaluation seeds,
-ConvNet and MLP) and measured for flatness with `sharp_bilevel.distill.flatness`: the outer loss
-under random perturbations of relative radius r, the dominant Hessian eigenvalue (power
-iteration, exact HVPs through the unroll; the seeds of ``hessian_seeds``) and the test
-accuracy under perturbation (seed 0). The ratio of the truncated to the exact image
-hypergradient norm is measured on the initial images.
+both picks come from the same grid (``lr_base * lr_grid``, grown above its top for every row
+while the top wins, at most ``lr_extend`` points: ``evidence_report.lr_grid``) at distillation
+seed 0, scored on a held-out split of the TRAINING images (ConvNet, one evaluation seed); the
+test set is never used to choose. Each final set is then evaluated on the test set (several
+evaluation seeds, ConvNet and MLP) and measured for flatness with
+`sharp_bilevel.distill.flatness`: the outer loss under random perturbations of relative radius
+r, and at the distillation seeds of ``hessian_seeds`` the dominant Hessian eigenvalue (power
+iteration, exact HVPs through the unroll) and the test accuracy under the same perturbations.
+The ratio of the truncated to the exact image hypergradient norm is measured on the initial
+images.
 
 Resumable: every finished job lands at once in ``evidence[_<dataset>].json`` (``--out``) and each
 synthetic set in ``--cache``; a rerun does only what is missing. ``--workers 2`` runs two jobs at
@@ -52,7 +54,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evidence_report import BASE, MATCHED, run_key, table_runs, write_report
+from evidence_report import BASE, MATCHED, lr_grid, run_key, table_runs, write_report
 
 from sharp_bilevel.distill.data import (
     DatasetSplit,
@@ -61,7 +63,11 @@ from sharp_bilevel.distill.data import (
     load_digits,
     load_fashion_mnist,
 )
-from sharp_bilevel.distill.evaluation import evaluate_synthetic, random_real_baseline
+from sharp_bilevel.distill.evaluation import (
+    EvalResult,
+    evaluate_synthetic,
+    random_real_baseline,
+)
 from sharp_bilevel.distill.experts import train_expert
 from sharp_bilevel.distill.flatness import (
     FixedOuterLoss,
@@ -127,8 +133,9 @@ class Plan:
     directions: int
     hessian_seeds: tuple[int, ...]
     hessian_iterations: int
-    acc_radii: tuple[float, ...]
+    acc_radii: tuple[float, ...]  # radii of the accuracy-under-perturbation probe
     ratio_windows: int
+    lr_extend: int = 0  # grid points that may be added above the top (see evidence_report.lr_grid)
 
     def batch_for(self, ipc: int) -> int | None:
         return dict(self.batch_syn)[ipc]
@@ -138,7 +145,8 @@ ALL_ROWS = tuple(r for r, _, _ in ROWS)
 
 
 def full_plan(dataset: str, root: str | None) -> Plan:
-    """About 90 minutes on two cores (two workers) for Fashion-MNIST; see the report."""
+    """About 150 minutes on two cores (two workers) for Fashion-MNIST from scratch: the 90 it
+    was sized for plus the grown lr grid and the accuracy-under-perturbation probe."""
     return Plan(
         dataset=dataset,
         root=root,
@@ -168,6 +176,7 @@ def full_plan(dataset: str, root: str | None) -> Plan:
         hessian_iterations=6,
         acc_radii=(0.05, 0.1, 0.2),
         ratio_windows=8,
+        lr_extend=2,
     )
 
 
@@ -213,9 +222,9 @@ def smoke_plan() -> Plan:
         rows=("MTT", "SATM", MATCHED),
         radii=(0.0, 0.1),
         directions=2,
-        hessian_seeds=(0,),
+        hessian_seeds=(0, 1),
         hessian_iterations=2,
-        acc_radii=(0.1,),
+        acc_radii=(0.1, 0.2),
         ratio_windows=2,
     )
 
@@ -376,10 +385,8 @@ def _load_set(cache: Path, key: str) -> dict[str, Any]:
     return data
 
 
-def _acc(results: dict[str, Any]) -> dict[str, Any]:
-    return {
-        a: {"accuracies": r.accuracies, "mean": r.mean, "std": r.std} for a, r in results.items()
-    }
+def _acc(results: dict[str, EvalResult]) -> dict[str, Any]:
+    return {arch: r.as_dict() for arch, r in results.items()}
 
 
 def job_evaluate(plan: Plan, cache: Path, key: str, split: str) -> dict[str, Any]:
@@ -405,6 +412,11 @@ def job_evaluate(plan: Plan, cache: Path, key: str, split: str) -> dict[str, Any
     return {"accuracy": _acc(res), "seconds": time.perf_counter() - began}
 
 
+def _directions(plan: Plan, x: Tensor) -> list[Tensor]:
+    """The random directions of every probe (the same seed for every set)."""
+    return random_directions(x, plan.directions, torch.Generator().manual_seed(777))
+
+
 def _fixed_loss(plan: Plan, ctx: dict[str, Any], ipc: int, data: dict[str, Any]) -> FixedOuterLoss:
     network = get_network("ConvNet", **shape_kw(ctx), seed=0, width=plan.width)
     return FixedOuterLoss.from_experts(
@@ -424,17 +436,18 @@ def _fixed_loss(plan: Plan, ctx: dict[str, Any], ipc: int, data: dict[str, Any])
 
 
 def job_flatness(
-    plan: Plan, cache: Path, key: str, ipc: int, seed: int, hessian: bool, accuracy: bool
+    plan: Plan, cache: Path, key: str, ipc: int, seed: int, hessian: bool
 ) -> dict[str, Any]:
+    """The outer loss along random directions of relative radius r (and with ``hessian`` the
+    dominant eigenvalue of its Hessian w.r.t. the images)."""
     ctx = context(plan, cache)
     data = _load_set(cache, key)
     x: Tensor = data["images"]
     loss = _fixed_loss(plan, ctx, ipc, data)
     began = time.perf_counter()
-    directions = random_directions(x, plan.directions, torch.Generator().manual_seed(777))
     out: dict[str, Any] = {
         "radii": list(plan.radii),
-        "losses": loss_under_perturbation(loss, x, plan.radii, directions),
+        "losses": loss_under_perturbation(loss, x, plan.radii, _directions(plan, x)),
     }
     if hessian:
         eig = dominant_eigenvalue(
@@ -445,26 +458,42 @@ def job_flatness(
             generator=torch.Generator().manual_seed(99),
         )
         out["eigenvalue"], out["eigen_history"] = eig.value, eig.history
-    if accuracy:
-        test: ImageDataset = ctx["test"]
-        accs = {}
-        for r in plan.acc_radii:
-            res = evaluate_synthetic(
-                perturb(x, r, directions[0]),
-                data["labels"],
-                data["syn_lr"],
-                test.images,
-                test.labels,
-                architectures=["ConvNet"],
-                seeds=[plan.eval_seeds[0]],
-                epochs=plan.eval_epochs,
-                width=plan.width,
-                **shape_kw(ctx),
-            )
-            accs[f"{r:g}"] = res["ConvNet"].mean
-        out["accuracy_perturbed"] = accs
     out["seconds"] = time.perf_counter() - began
     return out
+
+
+def job_robustness(plan: Plan, cache: Path, key: str) -> dict[str, Any]:
+    """Test accuracy (ConvNet, the first evaluation seed) of the set itself and of the set moved
+    by ``r ||x||`` along each of the flatness probe's directions, for r in ``acc_radii``: the
+    same evaluation seed throughout, so each change is paired."""
+    ctx = context(plan, cache)
+    data = _load_set(cache, key)
+    x: Tensor = data["images"]
+    test: ImageDataset = ctx["test"]
+    began = time.perf_counter()
+
+    def accuracy(images: Tensor) -> float:
+        res = evaluate_synthetic(
+            images,
+            data["labels"],
+            data["syn_lr"],
+            test.images,
+            test.labels,
+            architectures=["ConvNet"],
+            seeds=[plan.eval_seeds[0]],
+            epochs=plan.eval_epochs,
+            width=plan.width,
+            **shape_kw(ctx),
+        )
+        return res["ConvNet"].mean
+
+    directions = _directions(plan, x)
+    return {
+        "clean": accuracy(x),
+        "radii": list(plan.acc_radii),
+        "accuracy": [[accuracy(perturb(x, r, d)) for d in directions] for r in plan.acc_radii],
+        "seconds": time.perf_counter() - began,
+    }
 
 
 def _initial_set(plan: Plan, ctx: dict[str, Any], ipc: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -553,6 +582,7 @@ JOBS: dict[str, Callable[..., dict[str, Any]]] = {
     "distill": job_distill,
     "evaluate": job_evaluate,
     "flatness": job_flatness,
+    "robustness": job_robustness,
     "reference": job_reference,
     "norm_ratio": job_norm_ratio,
 }
@@ -592,18 +622,15 @@ def ready(plan: Plan, report: dict[str, Any], cache: Path) -> list[tuple[str, st
         add(f"norm_ratio/ipc{ipc}", "norm_ratio", {"ipc": ipc})
         for seed in plan.seeds:
             add(f"reference/ipc{ipc}/seed{seed}", "reference", {"ipc": ipc, "seed": seed})
-        # the tuning grid at seed 0, scored on the validation split
+        # the tuning grid at seed 0, scored on the validation split (it may grow: lr_grid)
+        grid, _ = lr_grid(report, ipc)
         for row in plan.rows:
             if not is_tuned(row):
                 continue
-            for m in plan.lr_grid:
-                key = run_key(ipc, row, plan.lr_base * m, plan.seeds[0])
+            for lr in grid:
+                key = run_key(ipc, row, lr, plan.seeds[0])
                 if not distilled(key):
-                    add(
-                        f"distill/{key}",
-                        "distill",
-                        _distill_args(ipc, row, plan.lr_base * m, plan.seeds[0]),
-                    )
+                    add(f"distill/{key}", "distill", _distill_args(ipc, row, lr, plan.seeds[0]))
                 elif key not in report["val"]:
                     add(f"val/{key}", "evaluate", {"key": key, "split": "val"})
         # the table runs, once their lr is known
@@ -615,19 +642,12 @@ def ready(plan: Plan, report: dict[str, Any], cache: Path) -> list[tuple[str, st
                     continue
                 if key not in report["test"]:
                     add(f"test/{key}", "evaluate", {"key": key, "split": "test"})
+                probe = kind == "shared" and seed in plan.hessian_seeds
                 if key not in report["flatness"]:
-                    shared = kind == "shared"
-                    add(
-                        f"flatness/{key}",
-                        "flatness",
-                        {
-                            "key": key,
-                            "ipc": ipc,
-                            "seed": seed,
-                            "hessian": shared and seed in plan.hessian_seeds,
-                            "accuracy": shared and seed == plan.seeds[0],
-                        },
-                    )
+                    args = {"key": key, "ipc": ipc, "seed": seed, "hessian": probe}
+                    add(f"flatness/{key}", "flatness", args)
+                if probe and key not in report["robustness"]:
+                    add(f"robustness/{key}", "robustness", {"key": key})
     unique: dict[str, tuple[str, str, dict]] = {}
     for job in jobs:  # a run can be a grid point and a table run, shared and tuned: first wins
         unique.setdefault(job[0], job)
@@ -653,10 +673,27 @@ def record(report: dict[str, Any], job_id: str, kind: str, args: dict, out: dict
         report["val" if args["split"] == "val" else "test"][args["key"]] = out
     elif kind == "flatness":
         report["flatness"][args["key"]] = out
+    elif kind == "robustness":
+        report["robustness"][args["key"]] = out
     elif kind == "reference":
         report["reference"][f"ipc{args['ipc']}/seed{args['seed']}"] = out
     elif kind == "norm_ratio":
         report["norm_ratio"][f"ipc{args['ipc']}"] = out
+
+
+#: Plan fields whose change only adds jobs: a report made with other values resumes.
+ADDITIVE = ("lr_extend",)
+
+
+def resumable(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether a report made under plan ``old`` can be continued under ``new``."""
+    if old is None:
+        return False
+
+    def core(plan: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in plan.items() if k not in ADDITIVE}
+
+    return core(old) == core(new)
 
 
 def new_report(plan: Plan) -> dict[str, Any]:
@@ -675,8 +712,10 @@ def new_report(plan: Plan) -> dict[str, Any]:
         "val": {},
         "test": {},
         "flatness": {},
+        "robustness": {},
         "reference": {},
         "norm_ratio": {},
+        "tuned_rows": [row for row in plan.rows if is_tuned(row)],
         "wall_seconds": 0.0,
     }
 
@@ -696,8 +735,8 @@ def run(
     report = json.loads(json.dumps(new_report(plan)))  # as it reads back (tuples as lists)
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("plan") == report["plan"]:
-            report = old
+        if resumable(old.get("plan"), report["plan"]):
+            report = {**report, **old, "plan": report["plan"]}  # sections added since: empty
         else:
             print(f"{path} holds another plan: starting afresh", flush=True)
     report["variant"] = variant

@@ -23,24 +23,53 @@ def run_key(ipc: int, row: str, lr: float, seed: int) -> str:
     return f"ipc{ipc}/{row}/lr{lr:.6g}/seed{seed}"
 
 
-def picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
-    """{row: {"grid": {lr: validation accuracy}, "pick": lr | None}} for the rows scored on the
-    validation split. The pick is the grid value with the best accuracy at the first
-    distillation seed (ties: the first in the grid), None until every grid point is scored."""
+def _scores(report: dict[str, Any], ipc: int, row: str, grid: list[float]) -> dict[float, float]:
+    """{lr: validation accuracy} of ``row`` at the grid points scored so far."""
+    seed = report["plan"]["seeds"][0]
+    out: dict[float, float] = {}
+    for lr in grid:
+        entry = report["val"].get(run_key(ipc, row, lr, seed))
+        if entry is not None:
+            out[lr] = entry["accuracy"]["ConvNet"]["mean"]
+    return out
+
+
+def _best(scores: dict[float, float]) -> float:
+    """The lr with the best score (ties: the smallest)."""
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
+def lr_grid(report: dict[str, Any], ipc: int) -> tuple[list[float], bool]:
+    """The lr_img grid at this IPC and whether it is final.
+
+    It starts at ``lr_base * lr_grid``. While the top of the grid is the best validation score
+    of any tuned row, one more point (the top times the grid's last ratio) is added for EVERY
+    tuned row, so that all rows keep the same budget; at most ``lr_extend`` points are added.
+    The grid is final once every tuned row is scored on it and no extension is due.
+    """
     plan = report["plan"]
+    grid = [plan["lr_base"] * m for m in plan["lr_grid"]]
+    tuned = report.get("tuned_rows", [])
+    for extension in range(plan.get("lr_extend", 0) + 1):
+        scores = [_scores(report, ipc, row, grid) for row in tuned]
+        if any(len(s) < len(grid) for s in scores):
+            return grid, False
+        if extension == plan.get("lr_extend", 0) or not any(_best(s) == grid[-1] for s in scores):
+            break
+        grid.append(grid[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 3.0))
+    return grid, True
+
+
+def picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
+    """{row: {"grid": {lr: validation accuracy}, "pick": lr | None}} for the tuned rows. The
+    pick is the grid value (`lr_grid`) with the best accuracy at the first distillation seed
+    (ties: the smallest lr), None until the grid is final."""
+    grid, final = lr_grid(report, ipc)
     out: dict[str, dict[str, Any]] = {}
-    for row in plan["rows"]:
-        grid: dict[float, float] = {}
-        for m in plan["lr_grid"]:
-            lr = plan["lr_base"] * m
-            entry = report["val"].get(run_key(ipc, row, lr, plan["seeds"][0]))
-            if entry is not None:
-                grid[lr] = entry["accuracy"]["ConvNet"]["mean"]
-        if not grid:
-            continue
-        full = len(grid) == len(plan["lr_grid"])
-        pick = max(grid, key=lambda lr: (grid[lr], -list(grid).index(lr))) if full else None
-        out[row] = {"grid": grid, "pick": pick}
+    for row in report.get("tuned_rows", []):
+        scores = _scores(report, ipc, row, grid)
+        if scores:
+            out[row] = {"grid": scores, "pick": _best(scores) if final else None}
     return out
 
 
@@ -139,7 +168,7 @@ def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
 
 
 def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
-    """Per shared-lr row: mean loss per radius, eigenvalues per seed, perturbed accuracies."""
+    """Per shared-lr row: mean loss per radius and eigenvalues per seed."""
     plan = report["plan"]
     table = table_runs(report, ipc)
     out: dict[str, dict[str, Any]] = {}
@@ -149,7 +178,6 @@ def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]
             continue
         losses: list[list[float]] = []
         eig: dict[int, float] = {}
-        acc: dict[str, float] = {}
         for seed in plan["seeds"]:
             entry = report["flatness"].get(run_key(ipc, row, lr, seed))
             if entry is None:
@@ -157,10 +185,9 @@ def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]
             losses.append([statistics.fmean(r) for r in entry["losses"]])
             if "eigenvalue" in entry:
                 eig[seed] = entry["eigenvalue"]
-            acc.update(entry.get("accuracy_perturbed", {}))
         if losses:
             curve = [statistics.fmean(c) for c in zip(*losses, strict=True)]
-            out[row] = {"curve": curve, "n": len(losses), "eig": eig, "acc": acc}
+            out[row] = {"curve": curve, "n": len(losses), "eig": eig}
     return out
 
 
@@ -169,7 +196,6 @@ def flatness_lines(report: dict[str, Any], ipc: int) -> list[str]:
     rows = flatness_rows(report, ipc)
     radii = plan["radii"]
     head = ["row", "seeds"] + [f"L(r={r:g})" for r in radii] + ["λ_max", "Δλ vs MTT [95% CI]"]
-    head += [f"acc r={r:g} (seed 0)" for r in plan["acc_radii"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows.get(BASE, {}).get("eig", {})
     for row, v in rows.items():
@@ -177,11 +203,86 @@ def flatness_lines(report: dict[str, Any], ipc: int) -> list[str]:
         cells = [row, str(v["n"])] + [f"{x:.4f}" for x in v["curve"]]
         cells.append(_ms_g(list(eig.values())) if eig else "–")
         cells.append("" if row == BASE or not eig else _diff(eig, base, 1.0, "+.3g"))
-        cells += [
-            f"{100 * v['acc'][f'{r:g}']:.1f}" if f"{r:g}" in v["acc"] else "–"
-            for r in plan["acc_radii"]
-        ]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def robustness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
+    """Per shared-lr row: {"clean": {seed: acc}, "change": [{seed: mean over directions of
+    acc(x + δ) − acc(x)} per radius], "spread": [its std over seeds x directions per radius]}."""
+    plan = report["plan"]
+    table = table_runs(report, ipc)
+    out: dict[str, dict[str, Any]] = {}
+    for row in plan["rows"]:
+        lr = table.get((row, "shared"))
+        if lr is None:
+            continue
+        clean: dict[int, float] = {}
+        change: list[dict[int, float]] = [{} for _ in plan["acc_radii"]]
+        every: list[list[float]] = [[] for _ in plan["acc_radii"]]
+        for seed in plan["seeds"]:
+            entry = report.get("robustness", {}).get(run_key(ipc, row, lr, seed))
+            if entry is None:
+                continue
+            clean[seed] = entry["clean"]
+            for i, accs in enumerate(entry["accuracy"]):
+                moved = [a - entry["clean"] for a in accs]
+                change[i][seed] = statistics.fmean(moved)
+                every[i] += moved
+        if clean:
+            spread = [statistics.stdev(e) if len(e) > 1 else 0.0 for e in every]
+            out[row] = {"clean": clean, "change": change, "spread": spread}
+    return out
+
+
+def robustness_lines(report: dict[str, Any], ipc: int) -> list[str]:
+    plan = report["plan"]
+    rows = robustness_rows(report, ipc)
+    radii = plan["acc_radii"]
+    head = ["row", "seeds", "acc (r=0) %"] + [f"Δacc at r={r:g} (pts)" for r in radii]
+    head.append(f"Δacc at r={radii[-1]:g} vs MTT's [95% CI]")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows.get(BASE)
+    for row, v in rows.items():
+        cells = [row, str(len(v["clean"])), _ms(list(v["clean"].values()))]
+        for d, sd in zip(v["change"], v["spread"], strict=True):
+            cells.append(f"{100 * statistics.fmean(d.values()):+.2f} ± {100 * sd:.2f}")
+        last = "" if row == BASE or base is None else _diff(v["change"][-1], base["change"][-1])
+        lines.append("| " + " | ".join([*cells, last]) + " |")
+    return lines
+
+
+def summary_lines(report: dict[str, Any], ipc: int) -> list[str]:
+    """The docs page's table: ConvNet accuracy, the paired Δ to MTT on every arch, the loss rise
+    and the accuracy change at the largest radii (shared-lr rows, then tuned rows that differ)."""
+    plan = report["plan"]
+    archs = plan["archs"]
+    table = table_runs(report, ipc)
+    flat, robust = flatness_rows(report, ipc), robustness_rows(report, ipc)
+    r_loss, r_acc = plan["radii"][-1], plan["acc_radii"][-1]
+    head = ["row", "lr_img", f"{archs[0]} %"] + [f"Δ {a} [95% CI]" for a in archs]
+    head += [f"loss rise r={r_loss:g}", f"Δacc r={r_acc:g} (pts)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kind in ("shared", "tuned"):
+        base_lr = table.get((BASE, kind))
+        for row in plan["rows"]:
+            lr = table.get((row, kind))
+            if lr is None or (kind == "tuned" and lr == table.get((row, "shared"))):
+                continue
+            name = row if kind == "shared" else f"{row}, tuned"
+            cells = [
+                name,
+                f"{lr:.3g}",
+                _ms(list(per_seed(report, ipc, row, lr, archs[0]).values())),
+            ]
+            for a in archs:
+                mine = per_seed(report, ipc, row, lr, a)
+                base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
+                cells.append("" if row == BASE and kind == "shared" else _diff(mine, base))
+            f, r = (flat.get(row), robust.get(row)) if kind == "shared" else (None, None)
+            cells.append(f"{f['curve'][-1] - f['curve'][0]:.4f}" if f else "")
+            cells.append(f"{100 * statistics.fmean(r['change'][-1].values()):+.2f}" if r else "")
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -218,15 +319,23 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         )
         + "; the `rho 2` rows use 40x that.",
         f"* lr_img grid: {grid}, scored at distillation seed "
-        f"{plan['seeds'][0]} on the validation split (ConvNet, one evaluation seed); "
-        "*shared lr* = MTT's pick for every row, *tuned lr* = each row's own pick.",
+        f"{plan['seeds'][0]} on the validation split (ConvNet, one evaluation seed), "
+        f"extended upwards for every tuned row by up to {plan.get('lr_extend', 0)} point(s) "
+        "while the top is any row's best (final grids: "
+        + "; ".join(
+            f"IPC {ipc}: " + ", ".join(f"{lr:.3g}" for lr in lr_grid(report, ipc)[0])
+            for ipc in plan["ipcs"]
+        )
+        + "); *shared lr* = MTT's pick for every row, *tuned lr* = each row's own pick.",
         f"* Evaluation: distillation seeds {plan['seeds']} x evaluation seeds "
         f"{plan['eval_seeds']}, {plan['eval_epochs']} epochs, archs {plan['archs']}, at the "
         "learned syn_lr (init and random real: 0.01).",
         f"* Flatness: outer loss over {plan['windows']} frozen windows (the same for every set), "
         f"{plan['directions']} random directions per radius r (relative: ||δ|| = r ||x||); "
         f"λ_max after {plan['hessian_iterations']} power iterations (seeds "
-        f"{plan['hessian_seeds']}); test accuracy under perturbation at seed 0.",
+        f"{plan['hessian_seeds']}); ConvNet test accuracy under perturbation (evaluation seed "
+        f"{plan['eval_seeds'][0]}, radii {plan['acc_radii']}, the same {plan['directions']} "
+        f"directions) at distillation seeds {plan['hessian_seeds']}.",
     ]
 
 
@@ -281,6 +390,15 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "dominant Hessian eigenvalue of the outer loss w.r.t. the images.",
             "",
             *flatness_lines(report, ipc),
+            "",
+            f"## Accuracy under perturbation, IPC {ipc} (shared lr)",
+            "",
+            "Δacc = ConvNet test accuracy of the set moved by r‖x‖ along a random direction minus "
+            "that of the set itself (the same evaluation seed, so the change is paired): mean ± "
+            "std over seeds x directions. The last column compares the per-seed change to MTT's "
+            "(paired over distillation seeds); a flatter set loses less.",
+            "",
+            *robustness_lines(report, ipc),
         ]
     write_keeping_discussion(path, "\n".join(lines) + "\n")
 
@@ -297,9 +415,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     if not any(table_runs(report, ipc) for ipc in ipcs):
         return False
     fig, axes = plt.subplots(
-        len(archs) + 1,
+        len(archs) + 2,
         len(ipcs),
-        figsize=(8.0 * len(ipcs), 3.8 * (len(archs) + 1)),
+        figsize=(8.0 * len(ipcs), 3.8 * (len(archs) + 2)),
         squeeze=False,
     )
     for j, ipc in enumerate(ipcs):
@@ -352,18 +470,32 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             )
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="upper center", ncol=4)
-        ax = axes[len(archs)][j]
         colors = plt.get_cmap("tab20")
-        for k, (row, v) in enumerate(flatness_rows(report, ipc).items()):
+
+        def style(k: int, colors: Any = colors) -> dict[str, Any]:
+            return {"ls": "-" if k < 6 else ("--" if k < 10 else ":"), "marker": "os^"[k % 3],
+                    "ms": 3, "color": colors(2 * k % 20 + k // 10)}  # fmt: skip
+
+        names = list(plan["rows"])
+        ax = axes[len(archs)][j]
+        for row, v in flatness_rows(report, ipc).items():
             rise = [c - v["curve"][0] for c in v["curve"]]
-            style = "-" if k < 6 else ("--" if k < 10 else ":")
-            ax.plot(plan["radii"], rise, style, marker="os^"[k % 3], ms=3, label=row,
-                    color=colors(2 * k % 20 + k // 10))  # fmt: skip
+            ax.plot(plan["radii"], rise, label=row, **style(names.index(row)))
         ax.set_xlabel("relative radius r of the random image perturbation (||δ|| = r ||x||)")
         ax.set_ylabel("L(x + δ) − L(x)")
-        ax.set_title(f"IPC {ipc}: loss rise under random perturbation (shared lr)")
+        ax.set_title(f"IPC {ipc}: outer-loss rise under random perturbation (shared lr)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        ax = axes[len(archs) + 1][j]
+        robust = robustness_rows(report, ipc)
+        for row, v in robust.items():
+            k = names.index(row)
+            moved = [0.0] + [100 * statistics.fmean(d.values()) for d in v["change"]]
+            ax.plot([0.0, *plan["acc_radii"]], moved, label=row, **style(k))
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set_xlabel("relative radius r of the random image perturbation (||δ|| = r ||x||)")
+        ax.set_ylabel("acc(x + δ) − acc(x) (points)")
+        ax.set_title(f"IPC {ipc}: ConvNet test accuracy change, same perturbations and colours")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -69,15 +69,26 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
     assert report["executed"] > 0
     seed0 = plan.seeds[0]
     for ipc in plan.ipcs:
-        # the picks are the validation argmax over the same grid for every tuned row
-        for row in ("MTT", "SATM"):
-            scores = {
-                plan.lr_base * m: report["val"][
-                    evidence.run_key(ipc, row, plan.lr_base * m, seed0)
-                ]["accuracy"]["ConvNet"]["mean"]
-                for m in plan.lr_grid
+        # the grid grows by a point (x3) for every tuned row while some row's best is its top;
+        # the picks are then the validation argmax over that same grid
+        def scores(row: str, grid: list[float], ipc: int = ipc) -> dict[float, float]:
+            return {
+                lr: report["val"][evidence.run_key(ipc, row, lr, seed0)]["accuracy"]["ConvNet"][
+                    "mean"
+                ]
+                for lr in grid
             }
-            assert evidence_report.picks(report, ipc)[row]["pick"] == max(scores, key=scores.get)
+
+        grid = [plan.lr_base * m for m in plan.lr_grid]
+        tuned = [row for row in plan.rows if evidence.is_tuned(row)]
+        for _ in range(plan.lr_extend):
+            if not any(max(grid, key=scores(row, grid).get) == grid[-1] for row in tuned):
+                break
+            grid.append(grid[-1] * 3)
+        assert evidence_report.lr_grid(report, ipc) == (grid, True)
+        for row in tuned:
+            s = scores(row, grid)
+            assert evidence_report.picks(report, ipc)[row]["pick"] == max(s, key=s.get)
         table = evidence.table_runs(report, ipc)
         shared = table[("MTT", "shared")]
         assert table[(evidence.MATCHED, "shared")] == pytest.approx(
@@ -93,7 +104,25 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
                 assert all(len(r) == plan.directions for r in flat["losses"])
         shared_flat = report["flatness"][evidence.run_key(ipc, "MTT", shared, seed0)]
         assert "eigenvalue" in shared_flat
-        assert "accuracy_perturbed" in shared_flat
+        # accuracy under perturbation: every shared run at the probe seeds, every radius and
+        # direction; its unperturbed accuracy is the test job's at the same evaluation seed
+        # (the same training, so each drop is paired)
+        probes = {
+            evidence.run_key(ipc, row, lr, seed)
+            for (row, kind), lr in table.items()
+            for seed in plan.hessian_seeds
+            if kind == "shared"
+        }
+        for (row, _kind), lr in table.items():
+            for seed in plan.seeds:
+                key = evidence.run_key(ipc, row, lr, seed)
+                assert (key in report["robustness"]) == (key in probes)
+                if key in probes:
+                    entry = report["robustness"][key]
+                    assert len(entry["accuracy"]) == len(plan.acc_radii)
+                    assert all(len(a) == plan.directions for a in entry["accuracy"])
+                    test_acc = report["test"][key]["accuracy"]["ConvNet"]["accuracies"][0]
+                    assert entry["clean"] == test_acc
         ratio = report["norm_ratio"][f"ipc{ipc}"]
         assert len(ratio["norm_ratio"]) == plan.ratio_windows
         assert all(r > 0 for r in ratio["norm_ratio"])
@@ -113,10 +142,75 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
     text = (out / "evidence_digits.md").read_text()
     cell = f"{100 * p.mean:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}]"
     assert cell in text
+
+    # ... and the perturbation table's last column is the paired interval of the per-seed
+    # accuracy changes
+    def changes(row: str) -> list[float]:
+        lr = table[(row, "shared")]
+        entries = [report["robustness"][evidence.run_key(ipc, row, lr, s)] for s in (0, 1)]
+        return [statistics.fmean(a - e["clean"] for a in e["accuracy"][-1]) for e in entries]
+
+    p = paired_interval(changes("SATM"), changes("MTT"))
+    assert f"{100 * p.mean:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}]" in text
     assert (out / "evidence_digits.png").stat().st_size > 10_000
     # a rerun has nothing left to do and changes no result
     before = json.loads((out / "evidence_digits.json").read_text())
     again = evidence.run(plan, out, cache, workers=1)
     assert again["executed"] == 0
-    for part in ("distill", "val", "test", "flatness", "reference", "norm_ratio"):
+    for part in ("distill", "val", "test", "flatness", "robustness", "reference", "norm_ratio"):
         assert again[part] == before[part]
+
+
+def _report(scores: dict[str, dict[float, float]], extend: int) -> dict:
+    plan = {"lr_base": 10.0, "lr_grid": [1.0, 3.0], "seeds": [0], "lr_extend": extend}
+    val = {
+        evidence.run_key(1, row, lr, 0): {"accuracy": {"ConvNet": {"mean": acc}}}
+        for row, grid in scores.items()
+        for lr, acc in grid.items()
+    }
+    return {"plan": plan, "val": val, "tuned_rows": list(scores)}
+
+
+def test_lr_grid_grows_for_every_row_while_a_row_peaks_at_its_top() -> None:
+    # MTT peaks at the top (30), SATM inside: both rows get 90, the grid is not final until
+    # both are scored there
+    half = {"MTT": {10.0: 0.5, 30.0: 0.6}, "SATM": {10.0: 0.6, 30.0: 0.5}}
+    assert evidence_report.lr_grid(_report(half, 1), 1) == ([10.0, 30.0, 90.0], False)
+    assert evidence_report.picks(_report(half, 1), 1)["MTT"]["pick"] is None
+    assert evidence_report.lr_grid(_report(half, 0), 1) == ([10.0, 30.0], True)
+    full = {"MTT": {**half["MTT"], 90.0: 0.55}, "SATM": {**half["SATM"], 90.0: 0.7}}
+    assert evidence_report.lr_grid(_report(full, 1), 1) == ([10.0, 30.0, 90.0], True)
+    picks = evidence_report.picks(_report(full, 1), 1)
+    assert (picks["MTT"]["pick"], picks["SATM"]["pick"]) == (30.0, 90.0)
+    # a second extension would be due (SATM peaks at 90) but lr_extend = 1 caps it; with 2 it
+    # asks for 270
+    assert evidence_report.lr_grid(_report(full, 2), 1) == ([10.0, 30.0, 90.0, 270.0], False)
+    # ties go to the smaller lr, so a flat top does not extend
+    flat = {"MTT": {10.0: 0.6, 30.0: 0.6}}
+    assert evidence_report.lr_grid(_report(flat, 1), 1) == ([10.0, 30.0], True)
+    # nothing scored yet: the base grid, not final
+    assert evidence_report.lr_grid(_report({"MTT": {}}, 1), 1) == ([10.0, 30.0], False)
+
+
+def test_only_additive_plan_changes_resume() -> None:
+    plan = evidence.dataclasses.asdict(evidence.smoke_plan())
+    older = {k: v for k, v in plan.items() if k != "lr_extend"}  # written before the field
+    assert evidence.resumable(older, plan)
+    assert evidence.resumable({**plan, "lr_extend": 0}, plan)
+    assert not evidence.resumable({**plan, "iterations": plan["iterations"] + 1}, plan)
+    assert not evidence.resumable(None, plan)
+
+
+def test_the_docs_page_tables_are_the_recorded_results() -> None:
+    """docs/evidence.md's tables are `summary_lines` of the committed Fashion-MNIST run: a rerun
+    that changes a number fails here until the page is brought up to date."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "evidence.json").read_text())
+    page = (ROOT / "docs" / "evidence.md").read_text()
+    for ipc in report["plan"]["ipcs"]:
+        lines = evidence_report.summary_lines(report, ipc)
+        assert len(lines) > 2 + len(report["plan"]["rows"]) - 1
+        table = "\n".join(lines)
+        assert table in page, f"IPC {ipc}: the docs table is not the recorded one"
+    # ... and its figure is the run's
+    figure = (ROOT / "docs" / "assets" / "evidence.png").read_bytes()
+    assert figure == (ROOT / "benchmarks" / "results" / "evidence.png").read_bytes()

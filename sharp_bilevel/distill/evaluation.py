@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -346,6 +347,10 @@ class EvalResult:
             std=float(acc.std(correction=0)),
             seeds=[int(s) for s in seeds],
         )
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"accuracies", "mean", "std"}``: the numbers a JSON report records."""
+        return {"accuracies": list(self.accuracies), "mean": self.mean, "std": self.std}
 
     def __str__(self) -> str:
         return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -264,6 +265,9 @@ def test_eval_result_mean_and_population_std() -> None:
     assert r.accuracies == [0.5, 0.7, 0.6]
     assert r.seeds == [0, 1, 2]
     assert EvalResult.from_accuracies("MLP", [4], [0.25]).std == 0.0
+    # what a JSON report records, and it survives a round trip
+    as_json = json.loads(json.dumps(r.as_dict()))
+    assert as_json == {"accuracies": [0.5, 0.7, 0.6], "mean": r.mean, "std": r.std}
     with pytest.raises(ValueError, match="one accuracy per seed"):
         EvalResult.from_accuracies("MLP", [0, 1], [0.25])
 

@@ -20,20 +20,7 @@ def close(a: list[Tensor], b: list[Tensor]) -> None:
 
 
 def objective(problem: Problem, settings: UnrollSettings, steps: int = STEPS) -> TrajectoryMatching:
-    return TrajectoryMatching(
-        problem.net,
-        problem.images,
-        problem.syn_lr,
-        problem.labels,
-        expert_start=problem.start,
-        expert_target=problem.target,
-        syn_steps=steps,
-        batch_syn=4,
-        soft_labels=problem.soft,
-        augmentation=problem.augmentation,
-        settings=settings,
-        seed=11,
-    )
+    return problem.closure(settings, seed=11, syn_steps=steps)
 
 
 @pytest.mark.parametrize("segment", [1, 2, 3, None, STEPS])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trajectory_matching import STEPS, Problem, library_grads
+from test_trajectory_matching import Problem, library_grads
 
 from sharp_bilevel import SharpBilevelOptimizer
 from sharp_bilevel.trajectory.compiled import _CACHE
@@ -17,22 +17,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def objective(
     problem: Problem, settings: UnrollSettings | None, compile_inner: bool, seed: int = 4
-):  # type: ignore[no-untyped-def]
-    return TrajectoryMatching(
-        problem.net,
-        problem.images,
-        problem.syn_lr,
-        problem.labels,
-        expert_start=problem.start,
-        expert_target=problem.target,
-        syn_steps=STEPS,
-        batch_syn=4,
-        soft_labels=problem.soft,
-        augmentation=problem.augmentation,
-        settings=settings,
-        seed=seed,
-        compile_inner=compile_inner,
-    )
+) -> TrajectoryMatching:
+    return problem.closure(settings, seed=seed, compile_inner=compile_inner)
 
 
 @pytest.mark.parametrize(

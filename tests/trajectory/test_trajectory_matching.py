@@ -9,6 +9,8 @@ library's ``FunctionalStudent`` is not part of the reference.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,14 @@ class Problem:
         self.target = self.start + 0.05 * torch.randn(size, generator=gen, dtype=torch.float64)
         self.augmentation = DSA() if dsa else None
 
-    def closure(self, settings: UnrollSettings | None = None, seed: int = 0) -> TrajectoryMatching:
+    def closure(
+        self,
+        settings: UnrollSettings | None = None,
+        seed: int = 0,
+        syn_steps: int = STEPS,
+        **options: Any,
+    ) -> TrajectoryMatching:
+        """The library's closure on this problem (``options``: more TrajectoryMatching args)."""
         return TrajectoryMatching(
             self.net,
             self.images,
@@ -77,12 +86,13 @@ class Problem:
             self.labels,
             expert_start=self.start,
             expert_target=self.target,
-            syn_steps=STEPS,
+            syn_steps=syn_steps,
             batch_syn=BATCH,
             soft_labels=self.soft,
             augmentation=self.augmentation,
             settings=settings,
             seed=seed,
+            **options,
         )
 
     def leaves(self) -> list[Tensor]:

@@ -31,20 +31,7 @@ def close(ours: list[Tensor], ref: list[Tensor]) -> None:
 
 
 def build(problem: Problem, **options: object) -> TrajectoryMatching:
-    return TrajectoryMatching(
-        problem.net,
-        problem.images,
-        problem.syn_lr,
-        problem.labels,
-        expert_start=problem.start,
-        expert_target=problem.target,
-        syn_steps=STEPS,
-        batch_syn=4,
-        soft_labels=problem.soft,
-        augmentation=problem.augmentation,
-        seed=0,
-        **options,  # type: ignore[arg-type]
-    )
+    return problem.closure(**options)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- PAD
