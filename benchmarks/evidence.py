@@ -136,6 +136,7 @@ class Plan:
     acc_radii: tuple[float, ...]  # radii of the accuracy-under-perturbation probe
     ratio_windows: int
     lr_extend: int = 0  # grid points that may be added above the top (see evidence_report.lr_grid)
+    lr_extend_down: int = 0  # ... and below the bottom
 
     def batch_for(self, ipc: int) -> int | None:
         return dict(self.batch_syn)[ipc]
@@ -682,7 +683,7 @@ def record(report: dict[str, Any], job_id: str, kind: str, args: dict, out: dict
 
 
 #: Plan fields whose change only adds jobs: a report made with other values resumes.
-ADDITIVE = ("lr_extend",)
+ADDITIVE = ("lr_extend", "lr_extend_down")
 
 
 def resumable(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:

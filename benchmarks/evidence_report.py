@@ -42,22 +42,31 @@ def _best(scores: dict[float, float]) -> float:
 def lr_grid(report: dict[str, Any], ipc: int) -> tuple[list[float], bool]:
     """The lr_img grid at this IPC and whether it is final.
 
-    It starts at ``lr_base * lr_grid``. While the top of the grid is the best validation score
-    of any tuned row, one more point (the top times the grid's last ratio) is added for EVERY
-    tuned row, so that all rows keep the same budget; at most ``lr_extend`` points are added.
-    The grid is final once every tuned row is scored on it and no extension is due.
+    It starts at ``lr_base * lr_grid`` (ascending). While the top of the grid is the best
+    validation score of any tuned row, one more point (the top times the grid's last ratio) is
+    added for EVERY tuned row, so that all rows keep the same budget: at most ``lr_extend``
+    points. Likewise below the bottom (divided by the first ratio), at most ``lr_extend_down``
+    points. The grid is final once every tuned row is scored on it and no extension is due.
     """
     plan = report["plan"]
     grid = [plan["lr_base"] * m for m in plan["lr_grid"]]
     tuned = report.get("tuned_rows", [])
-    for extension in range(plan.get("lr_extend", 0) + 1):
+    room = {"up": plan.get("lr_extend", 0), "down": plan.get("lr_extend_down", 0)}
+    while True:
         scores = [_scores(report, ipc, row, grid) for row in tuned]
         if any(len(s) < len(grid) for s in scores):
             return grid, False
-        if extension == plan.get("lr_extend", 0) or not any(_best(s) == grid[-1] for s in scores):
-            break
-        grid.append(grid[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 3.0))
-    return grid, True
+        bests = {_best(s) for s in scores}
+        up = room["up"] > 0 and grid[-1] in bests
+        down = room["down"] > 0 and grid[0] in bests and len(grid) > 1
+        if not (up or down):
+            return grid, True
+        if up:
+            room["up"] -= 1
+            grid.append(grid[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 3.0))
+        if down:
+            room["down"] -= 1
+            grid.insert(0, grid[0] / (grid[1] / grid[0]))
 
 
 def picks(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:

@@ -81,10 +81,16 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
 
         grid = [plan.lr_base * m for m in plan.lr_grid]
         tuned = [row for row in plan.rows if evidence.is_tuned(row)]
-        for _ in range(plan.lr_extend):
-            if not any(max(grid, key=scores(row, grid).get) == grid[-1] for row in tuned):
+        up, down = plan.lr_extend, plan.lr_extend_down
+        while True:
+            bests = {max(grid, key=scores(row, grid).get) for row in tuned}
+            grow_up, grow_down = up > 0 and grid[-1] in bests, down > 0 and grid[0] in bests
+            if not (grow_up or grow_down):
                 break
-            grid.append(grid[-1] * 3)
+            if grow_up:
+                up, grid = up - 1, [*grid, grid[-1] * 3]
+            if grow_down:
+                down, grid = down - 1, [grid[0] / 3, *grid]
         assert evidence_report.lr_grid(report, ipc) == (grid, True)
         for row in tuned:
             s = scores(row, grid)
@@ -161,8 +167,14 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
         assert again[part] == before[part]
 
 
-def _report(scores: dict[str, dict[float, float]], extend: int) -> dict:
-    plan = {"lr_base": 10.0, "lr_grid": [1.0, 3.0], "seeds": [0], "lr_extend": extend}
+def _report(scores: dict[str, dict[float, float]], extend: int, down: int = 0) -> dict:
+    plan = {
+        "lr_base": 10.0,
+        "lr_grid": [1.0, 3.0],
+        "seeds": [0],
+        "lr_extend": extend,
+        "lr_extend_down": down,
+    }
     val = {
         evidence.run_key(1, row, lr, 0): {"accuracy": {"ConvNet": {"mean": acc}}}
         for row, grid in scores.items()
@@ -192,11 +204,25 @@ def test_lr_grid_grows_for_every_row_while_a_row_peaks_at_its_top() -> None:
     assert evidence_report.lr_grid(_report({"MTT": {}}, 1), 1) == ([10.0, 30.0], False)
 
 
+def test_lr_grid_grows_downwards_too_and_both_ways_at_once() -> None:
+    low = {"MTT": {10.0: 0.6, 30.0: 0.5}}  # the bottom wins
+    assert evidence_report.lr_grid(_report(low, 1), 1) == ([10.0, 30.0], True)  # no room below
+    assert evidence_report.lr_grid(_report(low, 1, 1), 1) == ([10 / 3, 10.0, 30.0], False)
+    scored = {"MTT": {10 / 3: 0.55, **low["MTT"]}}
+    grid, final = evidence_report.lr_grid(_report(scored, 1, 1), 1)
+    assert (grid, final) == ([10 / 3, 10.0, 30.0], True)
+    assert evidence_report.picks(_report(scored, 1, 1), 1)["MTT"]["pick"] == 10.0
+    # one row peaks at each end: both ends grow in the same round
+    split = {"MTT": {10.0: 0.6, 30.0: 0.5}, "SATM": {10.0: 0.5, 30.0: 0.6}}
+    assert evidence_report.lr_grid(_report(split, 1, 1), 1) == ([10 / 3, 10.0, 30.0, 90.0], False)
+
+
 def test_only_additive_plan_changes_resume() -> None:
     plan = evidence.dataclasses.asdict(evidence.smoke_plan())
     older = {k: v for k, v in plan.items() if k != "lr_extend"}  # written before the field
     assert evidence.resumable(older, plan)
     assert evidence.resumable({**plan, "lr_extend": 0}, plan)
+    assert evidence.resumable({**plan, "lr_extend_down": 1}, plan)
     assert not evidence.resumable({**plan, "iterations": plan["iterations"] + 1}, plan)
     assert not evidence.resumable(None, plan)
 
