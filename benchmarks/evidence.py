@@ -316,6 +316,11 @@ def shape_kw(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"num_classes": 10, "channels": train.channels, "image_size": train.image_size}
 
 
+def eval_kw(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    """The `evaluate_synthetic` settings every evaluation shares (epochs, width, shapes)."""
+    return {"epochs": plan.eval_epochs, "width": plan.width, **shape_kw(ctx)}
+
+
 # --------------------------------------------------------------------------------------------
 # jobs (run in a worker: plain dicts in and out)
 
@@ -406,9 +411,7 @@ def job_evaluate(plan: Plan, cache: Path, key: str, split: str) -> dict[str, Any
         target.labels,
         architectures=archs,
         seeds=seeds,
-        epochs=plan.eval_epochs,
-        width=plan.width,
-        **shape_kw(ctx),
+        **eval_kw(plan, ctx),
     )
     return {"accuracy": _acc(res), "seconds": time.perf_counter() - began}
 
@@ -482,9 +485,7 @@ def job_robustness(plan: Plan, cache: Path, key: str) -> dict[str, Any]:
             test.labels,
             architectures=["ConvNet"],
             seeds=[plan.eval_seeds[0]],
-            epochs=plan.eval_epochs,
-            width=plan.width,
-            **shape_kw(ctx),
+            **eval_kw(plan, ctx),
         )
         return res["ConvNet"].mean
 
@@ -514,13 +515,7 @@ def job_reference(plan: Plan, cache: Path, ipc: int, seed: int) -> dict[str, Any
     train: ImageDataset = ctx["train"]
     test: ImageDataset = ctx["test"]
     images, labels = _initial_set(plan, ctx, ipc, seed)
-    kw = {
-        "architectures": list(plan.archs),
-        "seeds": list(plan.eval_seeds),
-        "epochs": plan.eval_epochs,
-        "width": plan.width,
-        **shape_kw(ctx),
-    }
+    kw = {"architectures": list(plan.archs), "seeds": list(plan.eval_seeds), **eval_kw(plan, ctx)}
     init = evaluate_synthetic(images, labels, 0.01, test.images, test.labels, **kw)
     rand = random_real_baseline(
         train.images,

@@ -51,21 +51,21 @@ def lr_grid(report: dict[str, Any], ipc: int) -> tuple[list[float], bool]:
     plan = report["plan"]
     grid = [plan["lr_base"] * m for m in plan["lr_grid"]]
     tuned = report.get("tuned_rows", [])
-    room = {"up": plan.get("lr_extend", 0), "down": plan.get("lr_extend_down", 0)}
+    up_left, down_left = plan.get("lr_extend", 0), plan.get("lr_extend_down", 0)
     while True:
         scores = [_scores(report, ipc, row, grid) for row in tuned]
         if any(len(s) < len(grid) for s in scores):
             return grid, False
         bests = {_best(s) for s in scores}
-        up = room["up"] > 0 and grid[-1] in bests
-        down = room["down"] > 0 and grid[0] in bests and len(grid) > 1
+        up = up_left > 0 and grid[-1] in bests
+        down = down_left > 0 and grid[0] in bests and len(grid) > 1
         if not (up or down):
             return grid, True
         if up:
-            room["up"] -= 1
+            up_left -= 1
             grid.append(grid[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 3.0))
         if down:
-            room["down"] -= 1
+            down_left -= 1
             grid.insert(0, grid[0] / (grid[1] / grid[0]))
 
 
@@ -96,6 +96,19 @@ def table_runs(report: dict[str, Any], ipc: int) -> dict[tuple[str, str], float]
         out[(row, "shared")] = shared * ratio if row == MATCHED else shared
         if row in scored and scored[row]["pick"] is not None:
             out[(row, "tuned")] = scored[row]["pick"]
+    return out
+
+
+def listed_runs(report: dict[str, Any], ipc: int) -> list[tuple[str, str, float, float | None]]:
+    """(kind, row, lr_img, MTT's lr_img of that kind) of every table row: the shared-lr rows,
+    then the tuned rows whose pick differs (an equal pick is the same run, not repeated)."""
+    table = table_runs(report, ipc)
+    out = []
+    for kind in ("shared", "tuned"):
+        for row in report["plan"]["rows"]:
+            lr = table.get((row, kind))
+            if lr is not None and not (kind == "tuned" and lr == table.get((row, "shared"))):
+                out.append((kind, row, lr, table.get((BASE, kind))))
     return out
 
 
@@ -139,7 +152,6 @@ def _reference(report: dict[str, Any], ipc: int, which: str, arch: str) -> list[
 def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
     plan = report["plan"]
     archs = plan["archs"]
-    table = table_runs(report, ipc)
     head = ["row", "lr_img", "seeds"]
     for a in archs:
         head += [f"{a} %", f"{a} Δ vs MTT [95% CI]"]
@@ -150,53 +162,52 @@ def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
         for a in archs:
             cells += [_ms(_reference(report, ipc, which, a)), ""]
         lines.append("| " + " | ".join([*cells, "", ""]) + " |")
-    for kind in ("shared", "tuned"):
-        base_lr = table.get((BASE, kind))
-        for row in plan["rows"]:
-            lr = table.get((row, kind))
-            if lr is None or (kind == "tuned" and lr == table.get((row, "shared"))):
-                continue  # a tuned pick equal to the shared lr is the same run: not repeated
-            runs = [report["distill"].get(run_key(ipc, row, lr, s)) for s in plan["seeds"]]
-            runs = [r for r in runs if r is not None]
-            cells = [f"{row} ({kind} lr)", f"{lr:.3g}", ""]
-            n = 0
-            for a in archs:
-                mine = per_seed(report, ipc, row, lr, a)
-                n = max(n, len(mine))
-                base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
-                cells += [_ms(list(mine.values())), "" if row == BASE else _diff(mine, base)]
-            cells[2] = str(n)
-            steps = [r["step_median"] for r in runs]
-            change = [r["image_change"] for r in runs]
-            cells += [
-                f"{statistics.fmean(steps):.3g}" if steps else "–",
-                f"{100 * statistics.fmean(change):.1f}%" if change else "–",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+    for kind, row, lr, base_lr in listed_runs(report, ipc):
+        runs = [report["distill"].get(run_key(ipc, row, lr, s)) for s in plan["seeds"]]
+        runs = [r for r in runs if r is not None]
+        cells = [f"{row} ({kind} lr)", f"{lr:.3g}", ""]
+        n = 0
+        for a in archs:
+            mine = per_seed(report, ipc, row, lr, a)
+            n = max(n, len(mine))
+            base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
+            cells += [_ms(list(mine.values())), "" if row == BASE else _diff(mine, base)]
+        cells[2] = str(n)
+        steps = [r["step_median"] for r in runs]
+        change = [r["image_change"] for r in runs]
+        cells += [
+            f"{statistics.fmean(steps):.3g}" if steps else "–",
+            f"{100 * statistics.fmean(change):.1f}%" if change else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
-    """Per shared-lr row: mean loss per radius and eigenvalues per seed."""
+def _shared_entries(report: dict[str, Any], ipc: int, section: str) -> dict[str, dict]:
+    """{row: {seed: entry}} of ``report[section]`` for the shared-lr runs (rows with none left
+    out)."""
     plan = report["plan"]
     table = table_runs(report, ipc)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict] = {}
     for row in plan["rows"]:
         lr = table.get((row, "shared"))
         if lr is None:
             continue
-        losses: list[list[float]] = []
-        eig: dict[int, float] = {}
-        for seed in plan["seeds"]:
-            entry = report["flatness"].get(run_key(ipc, row, lr, seed))
-            if entry is None:
-                continue
-            losses.append([statistics.fmean(r) for r in entry["losses"]])
-            if "eigenvalue" in entry:
-                eig[seed] = entry["eigenvalue"]
-        if losses:
-            curve = [statistics.fmean(c) for c in zip(*losses, strict=True)]
-            out[row] = {"curve": curve, "n": len(losses), "eig": eig}
+        found = report.get(section, {})
+        entries = {s: found.get(run_key(ipc, row, lr, s)) for s in plan["seeds"]}
+        if any(e is not None for e in entries.values()):
+            out[row] = {s: e for s, e in entries.items() if e is not None}
+    return out
+
+
+def flatness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
+    """Per shared-lr row: mean loss per radius and eigenvalues per seed."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, entries in _shared_entries(report, ipc, "flatness").items():
+        losses = [[statistics.fmean(r) for r in e["losses"]] for e in entries.values()]
+        eig = {s: e["eigenvalue"] for s, e in entries.items() if "eigenvalue" in e}
+        curve = [statistics.fmean(c) for c in zip(*losses, strict=True)]
+        out[row] = {"curve": curve, "n": len(losses), "eig": eig}
     return out
 
 
@@ -219,28 +230,15 @@ def flatness_lines(report: dict[str, Any], ipc: int) -> list[str]:
 def robustness_rows(report: dict[str, Any], ipc: int) -> dict[str, dict[str, Any]]:
     """Per shared-lr row: {"clean": {seed: acc}, "change": [{seed: mean over directions of
     acc(x + δ) − acc(x)} per radius], "spread": [its std over seeds x directions per radius]}."""
-    plan = report["plan"]
-    table = table_runs(report, ipc)
     out: dict[str, dict[str, Any]] = {}
-    for row in plan["rows"]:
-        lr = table.get((row, "shared"))
-        if lr is None:
-            continue
-        clean: dict[int, float] = {}
-        change: list[dict[int, float]] = [{} for _ in plan["acc_radii"]]
-        every: list[list[float]] = [[] for _ in plan["acc_radii"]]
-        for seed in plan["seeds"]:
-            entry = report.get("robustness", {}).get(run_key(ipc, row, lr, seed))
-            if entry is None:
-                continue
-            clean[seed] = entry["clean"]
-            for i, accs in enumerate(entry["accuracy"]):
-                moved = [a - entry["clean"] for a in accs]
-                change[i][seed] = statistics.fmean(moved)
-                every[i] += moved
-        if clean:
-            spread = [statistics.stdev(e) if len(e) > 1 else 0.0 for e in every]
-            out[row] = {"clean": clean, "change": change, "spread": spread}
+    for row, entries in _shared_entries(report, ipc, "robustness").items():
+        clean = {s: e["clean"] for s, e in entries.items()}
+        moved = [{s: [a - e["clean"] for a in e["accuracy"][i]] for s, e in entries.items()}
+                 for i in range(len(report["plan"]["acc_radii"]))]  # fmt: skip
+        change = [{s: statistics.fmean(m) for s, m in per.items()} for per in moved]
+        every = [[v for m in per.values() for v in m] for per in moved]
+        spread = [statistics.stdev(e) if len(e) > 1 else 0.0 for e in every]
+        out[row] = {"clean": clean, "change": change, "spread": spread}
     return out
 
 
@@ -266,32 +264,22 @@ def summary_lines(report: dict[str, Any], ipc: int) -> list[str]:
     and the accuracy change at the largest radii (shared-lr rows, then tuned rows that differ)."""
     plan = report["plan"]
     archs = plan["archs"]
-    table = table_runs(report, ipc)
     flat, robust = flatness_rows(report, ipc), robustness_rows(report, ipc)
     r_loss, r_acc = plan["radii"][-1], plan["acc_radii"][-1]
     head = ["row", "lr_img", f"{archs[0]} %"] + [f"Δ {a} [95% CI]" for a in archs]
     head += [f"loss rise r={r_loss:g}", f"Δacc r={r_acc:g} (pts)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for kind in ("shared", "tuned"):
-        base_lr = table.get((BASE, kind))
-        for row in plan["rows"]:
-            lr = table.get((row, kind))
-            if lr is None or (kind == "tuned" and lr == table.get((row, "shared"))):
-                continue
-            name = row if kind == "shared" else f"{row}, tuned"
-            cells = [
-                name,
-                f"{lr:.3g}",
-                _ms(list(per_seed(report, ipc, row, lr, archs[0]).values())),
-            ]
-            for a in archs:
-                mine = per_seed(report, ipc, row, lr, a)
-                base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
-                cells.append("" if row == BASE and kind == "shared" else _diff(mine, base))
-            f, r = (flat.get(row), robust.get(row)) if kind == "shared" else (None, None)
-            cells.append(f"{f['curve'][-1] - f['curve'][0]:.4f}" if f else "")
-            cells.append(f"{100 * statistics.fmean(r['change'][-1].values()):+.2f}" if r else "")
-            lines.append("| " + " | ".join(cells) + " |")
+    for kind, row, lr, base_lr in listed_runs(report, ipc):
+        name = row if kind == "shared" else f"{row}, tuned"
+        cells = [name, f"{lr:.3g}", _ms(list(per_seed(report, ipc, row, lr, archs[0]).values()))]
+        for a in archs:
+            mine = per_seed(report, ipc, row, lr, a)
+            base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
+            cells.append("" if row == BASE and kind == "shared" else _diff(mine, base))
+        f, r = (flat.get(row), robust.get(row)) if kind == "shared" else (None, None)
+        cells.append(f"{f['curve'][-1] - f['curve'][0]:.4f}" if f else "")
+        cells.append(f"{100 * statistics.fmean(r['change'][-1].values()):+.2f}" if r else "")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
