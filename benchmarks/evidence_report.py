@@ -23,6 +23,12 @@ def run_key(ipc: int, row: str, lr: float, seed: int) -> str:
     return f"ipc{ipc}/{row}/lr{lr:.6g}/seed{seed}"
 
 
+def base_lr(plan: dict[str, Any], ipc: int) -> float:
+    """The plan's ``lr_base`` at this IPC: one number for every IPC, or (ipc, lr) pairs."""
+    base = plan["lr_base"]
+    return float(base) if isinstance(base, (int, float)) else float(dict(base)[ipc])
+
+
 def _scores(report: dict[str, Any], ipc: int, row: str, grid: list[float]) -> dict[float, float]:
     """{lr: validation accuracy} of ``row`` at the grid points scored so far."""
     seed = report["plan"]["seeds"][0]
@@ -42,14 +48,14 @@ def _best(scores: dict[float, float]) -> float:
 def lr_grid(report: dict[str, Any], ipc: int) -> tuple[list[float], bool]:
     """The lr_img grid at this IPC and whether it is final.
 
-    It starts at ``lr_base * lr_grid`` (ascending). While the top of the grid is the best
+    It starts at ``lr_base * lr_grid`` (ascending; `base_lr`). While the top of the grid is the best
     validation score of any tuned row, one more point (the top times the grid's last ratio) is
     added for EVERY tuned row, so that all rows keep the same budget: at most ``lr_extend``
     points. Likewise below the bottom (divided by the first ratio), at most ``lr_extend_down``
     points. The grid is final once every tuned row is scored on it and no extension is due.
     """
     plan = report["plan"]
-    grid = [plan["lr_base"] * m for m in plan["lr_grid"]]
+    grid = [base_lr(plan, ipc) * m for m in plan["lr_grid"]]
     tuned = report.get("tuned_rows", [])
     up_left, down_left = plan.get("lr_extend", 0), plan.get("lr_extend_down", 0)
     while True:
@@ -283,6 +289,30 @@ def summary_lines(report: dict[str, Any], ipc: int) -> list[str]:
     return lines
 
 
+def budget_lines(report: dict[str, Any]) -> list[str]:
+    """Where the time went: jobs and job-minutes per kind and IPC (flatness with and without
+    λ_max apart), and the wall clock they took on the workers."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for job_id, seconds in report["jobs"].items():
+        kind, _, rest = job_id.partition("/")
+        ipc = rest.split("/", 1)[0] if rest.startswith("ipc") else ""
+        kind = "validation" if kind == "val" else kind
+        if kind == "flatness" and "eigenvalue" in report["flatness"].get(rest, {}):
+            kind = "flatness + λ_max"
+        groups.setdefault((kind, ipc.removeprefix("ipc")), []).append(seconds)
+    total = sum(sum(v) for v in groups.values())
+    lines = ["| job | IPC | jobs | job-min | share |", "|---|---|---|---|---|"]
+    for (kind, ipc), times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        share = 100 * sum(times) / total if total else 0.0
+        lines.append(f"| {kind} | {ipc} | {len(times)} | {sum(times) / 60:.1f} | {share:.0f}% |")
+    lines += [
+        "",
+        f"{total / 60:.0f} job-minutes in all; {report['wall_seconds'] / 60:.0f} min of wall clock"
+        " (jobs run on two workers).",
+    ]
+    return lines
+
+
 def _norms(report: dict[str, Any]) -> dict[int, float]:
     """Mean ||x_0|| of the initial images per IPC (from the distillation runs)."""
     out: dict[int, list[float]] = {}
@@ -296,7 +326,16 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
     plan = report["plan"]
     data = report.get("data", {})
     ratio = plan["syn_steps"] / report["keep"]
-    grid = ", ".join(f"{plan['lr_base'] * m:.3g}" for m in plan["lr_grid"])
+    per_ipc = not isinstance(plan["lr_base"], (int, float))
+    grid = "; ".join(
+        (f"IPC {ipc}: " if per_ipc else "")
+        + ", ".join(f"{base_lr(plan, ipc) * m:.3g}" for m in plan["lr_grid"])
+        for ipc in (plan["ipcs"] if per_ipc else plan["ipcs"][:1])
+    )
+    up, down = plan.get("lr_extend", 0), plan.get("lr_extend_down", 0)
+    extended = f"extended upwards for every tuned row by up to {up} point(s) while the top is "
+    extended += "any row's best" if not down else f"any row's best, downwards by up to {down} "
+    extended += "" if not down else "while the bottom is"
     return [
         f"* Data: {plan['dataset']} {'x'.join(map(str, data.get('shape', [])))}: "
         f"{data.get('train')} train (experts and initial images), {data.get('val')} validation "
@@ -317,8 +356,7 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         + "; the `rho 2` rows use 40x that.",
         f"* lr_img grid: {grid}, scored at distillation seed "
         f"{plan['seeds'][0]} on the validation split (ConvNet, one evaluation seed), "
-        f"extended upwards for every tuned row by up to {plan.get('lr_extend', 0)} point(s) "
-        "while the top is any row's best (final grids: "
+        f"{extended} (final grids: "
         + "; ".join(
             f"IPC {ipc}: " + ", ".join(f"{lr:.3g}" for lr in lr_grid(report, ipc)[0])
             for ipc in plan["ipcs"]
@@ -349,6 +387,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "## Settings",
         "",
         *settings_lines(report),
+        "",
+        "## Where the time goes",
+        "",
+        *budget_lines(report),
         "",
         "## Truncated vs exact image hypergradient (initial images, seed 0)",
         "",

@@ -4,6 +4,7 @@ validation argmax, the report's intervals are the paired t-intervals, and a reru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -79,7 +80,7 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
                 for lr in grid
             }
 
-        grid = [plan.lr_base * m for m in plan.lr_grid]
+        grid = [plan.lr_for(ipc) * m for m in plan.lr_grid]
         tuned = [row for row in plan.rows if evidence.is_tuned(row)]
         up, down = plan.lr_extend, plan.lr_extend_down
         while True:
@@ -112,7 +113,6 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
         assert "eigenvalue" in shared_flat
         # accuracy under perturbation: every shared run at the probe seeds, every radius and
         # direction; its unperturbed accuracy is the test job's at the same evaluation seed
-        # (the same training, so each drop is paired)
         probes = {
             evidence.run_key(ipc, row, lr, seed)
             for (row, kind), lr in table.items()
@@ -129,6 +129,13 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
                     assert all(len(a) == plan.directions for a in entry["accuracy"])
                     test_acc = report["test"][key]["accuracy"]["ConvNet"]["accuracies"][0]
                     assert entry["clean"] == test_acc
+        # ... and the pairing holds: the probe at radius 0 retrains exactly as the test job did
+        key = evidence.run_key(ipc, "MTT", shared, seed0)
+        zero = dataclasses.replace(plan, acc_radii=(0.0,))
+        again = evidence.job_robustness(zero, cache, key, clean=-1.0)["accuracy"][0]
+        assert (
+            again == [report["test"][key]["accuracy"]["ConvNet"]["accuracies"][0]] * plan.directions
+        )
         ratio = report["norm_ratio"][f"ipc{ipc}"]
         assert len(ratio["norm_ratio"]) == plan.ratio_windows
         assert all(r > 0 for r in ratio["norm_ratio"])
@@ -181,6 +188,17 @@ def _report(scores: dict[str, dict[float, float]], extend: int, down: int = 0) -
         for lr, acc in grid.items()
     }
     return {"plan": plan, "val": val, "tuned_rows": list(scores)}
+
+
+def test_each_ipc_may_centre_its_own_grid() -> None:
+    scores = {"MTT": {3.0: 0.5, 9.0: 0.6, 27.0: 0.55}}
+    report = _report(scores, 1)
+    report["plan"]["lr_base"] = [[1, 3.0], [10, 90.0]]  # the val scores are at IPC 1
+    report["plan"]["lr_grid"] = [1.0, 3.0, 9.0]
+    assert evidence_report.base_lr(report["plan"], 10) == 90.0
+    assert evidence_report.lr_grid(report, 1) == ([3.0, 9.0, 27.0], True)
+    assert evidence_report.lr_grid(report, 10) == ([90.0, 270.0, 810.0], False)  # not scored
+    assert evidence.full_plan("fashion", None).lr_for(10) == 10.0
 
 
 def test_lr_grid_grows_for_every_row_while_a_row_peaks_at_its_top() -> None:
@@ -237,6 +255,26 @@ def test_the_docs_page_tables_are_the_recorded_results() -> None:
         assert len(lines) > 2 + len(report["plan"]["rows"]) - 1
         table = "\n".join(lines)
         assert table in page, f"IPC {ipc}: the docs table is not the recorded one"
+    assert "\n".join(evidence_report.budget_lines(report)) in page  # ... and so is the budget
     # ... and its figure is the run's
     figure = (ROOT / "docs" / "assets" / "evidence.png").read_bytes()
     assert figure == (ROOT / "benchmarks" / "results" / "evidence.png").read_bytes()
+
+
+def test_budget_lines_add_up_the_job_times_per_kind() -> None:
+    report = {
+        "jobs": {
+            "expert/0": 120.0,
+            "distill/ipc1/MTT/lr1/seed0": 60.0,
+            "flatness/ipc1/a": 30.0,
+            "flatness/ipc1/b": 90.0,
+        },
+        "flatness": {"ipc1/a": {}, "ipc1/b": {"eigenvalue": 1.0}},
+        "wall_seconds": 180.0,
+    }
+    lines = evidence_report.budget_lines(report)
+    assert lines[2] == "| expert |  | 1 | 2.0 | 40% |"  # the largest first
+    assert "| flatness + λ_max | 1 | 1 | 1.5 | 30% |" in lines
+    assert "| flatness | 1 | 1 | 0.5 | 10% |" in lines
+    assert "| distill | 1 | 1 | 1.0 | 20% |" in lines
+    assert lines[-1].startswith("5 job-minutes in all; 3 min of wall clock")

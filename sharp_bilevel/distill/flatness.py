@@ -137,19 +137,29 @@ class FixedOuterLoss:
     def __call__(self, images: Tensor) -> Tensor:
         total = images.new_zeros(())
         for window in self.windows:
-            steps = window.plan.num_steps
-            result = unroll(
-                self.student,
-                window.start,
-                images,
-                self.labels,
-                self.syn_lr,
-                window.plan,
-                augmentation=self.augmentation,
-                graph_from=0 if images.requires_grad else steps,
-            )
-            total = total + matching_loss(result.final, window.target, window.start)
+            total = total + self.term(window, images)
         return total / len(self.windows)
+
+    def term(self, window: Window, images: Tensor, graph_from: int | None = None) -> Tensor:
+        r"""One window's matching loss. ``graph_from`` ($\iota$) keeps the graph from that inner
+        step on only (TUH: the image gradient is then the truncated one); None keeps all of it
+        when ``images.requires_grad`` and none otherwise."""
+        steps = window.plan.num_steps
+        if graph_from is None:
+            graph_from = 0 if images.requires_grad else steps
+        elif not (isinstance(graph_from, int) and 0 <= graph_from <= steps):
+            raise ValueError(f"graph_from must be an int in [0, {steps}], got {graph_from!r}")
+        result = unroll(
+            self.student,
+            window.start,
+            images,
+            self.labels,
+            self.syn_lr,
+            window.plan,
+            augmentation=self.augmentation,
+            graph_from=graph_from,
+        )
+        return matching_loss(result.final, window.target, window.start)
 
 
 def hessian_vector_product(loss_fn: LossFn, x: Tensor, v: Tensor) -> Tensor:

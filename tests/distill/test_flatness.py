@@ -17,6 +17,7 @@ from sharp_bilevel.distill.flatness import (
 )
 from sharp_bilevel.distill.networks import get_network
 from sharp_bilevel.trajectory.augment import DSA
+from sharp_bilevel.trajectory.hypergradient import UnrollSettings
 from sharp_bilevel.trajectory.matching import TrajectoryMatching
 from sharp_bilevel.trajectory.student import FunctionalStudent
 
@@ -112,6 +113,39 @@ def test_fixed_loss_equals_the_closure_on_the_same_window(batch_syn: int | None)
     torch.testing.assert_close(grad, images.grad, rtol=1e-10, atol=1e-14)
     # without graph: the same value
     assert float(loss(images.detach())) == pytest.approx(float(reference), rel=1e-12)
+
+
+def test_a_window_term_from_step_iota_has_the_tuh_image_gradient() -> None:
+    prob = _problem(batch_syn=3)
+    loss = _fixed(prob, count=1, seed=5)
+    window = loss.windows[0]
+    settings = UnrollSettings(keep=1 / 3)
+    iota, _ = settings.resolve(3, None)
+    assert iota == 2  # one kept step of three: the truncation matters
+    images = prob["images"].clone().requires_grad_()  # type: ignore[attr-defined]
+    closure = TrajectoryMatching(
+        prob["student"],  # type: ignore[arg-type]
+        images,
+        torch.tensor(0.02, dtype=D),
+        prob["labels"],  # type: ignore[arg-type]
+        expert_start=window.start,
+        expert_target=window.target,
+        syn_steps=3,
+        batch_syn=3,
+        augmentation=DSA(),
+        settings=settings,
+    )
+    closure.plan = window.plan
+    reference = closure()
+    x = prob["images"].clone().requires_grad_()  # type: ignore[attr-defined]
+    value = loss.term(window, x, graph_from=iota)
+    assert float(value.detach()) == pytest.approx(float(reference), rel=1e-12)
+    (grad,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(grad, images.grad, rtol=1e-10, atol=1e-14)
+    (exact,) = torch.autograd.grad(loss.term(window, x, graph_from=0), x)
+    assert not torch.allclose(grad, exact)  # the truncated gradient is another one
+    with pytest.raises(ValueError, match="graph_from must be an int in"):
+        loss.term(window, x, graph_from=4)
 
 
 def test_fixed_loss_is_the_mean_over_its_windows_and_deterministic() -> None:
