@@ -436,21 +436,31 @@ def _directions(plan: Plan, x: Tensor) -> list[Tensor]:
     return random_directions(x, plan.directions, torch.Generator().manual_seed(777))
 
 
-def _fixed_loss(plan: Plan, ctx: dict[str, Any], ipc: int, data: dict[str, Any]) -> FixedOuterLoss:
+def _fixed_loss(
+    plan: Plan,
+    ctx: dict[str, Any],
+    ipc: int,
+    synthetic: tuple[Tensor, Tensor, float],
+    count: int,
+    seed: int,
+) -> FixedOuterLoss:
+    """The frozen outer loss of ``synthetic`` = (images, labels, syn_lr): ``count`` windows drawn
+    as the pipeline draws them from a generator seeded with ``seed``."""
+    images, labels, syn_lr = synthetic
     network = get_network("ConvNet", **shape_kw(ctx), seed=0, width=plan.width)
     return FixedOuterLoss.from_experts(
         network,
-        data["labels"],
-        float(data["syn_lr"]),
+        labels,
+        syn_lr,
         ctx["experts"],
-        image_shape=tuple(data["images"].shape[1:]),
-        count=plan.windows,
+        image_shape=tuple(images.shape[1:]),
+        count=count,
         syn_steps=plan.syn_steps,
         expert_epochs=plan.expert_epochs,
         max_start_epoch=plan.max_start_epoch,
         batch_syn=plan.batch_for(ipc),
         augmentation=DSA(),
-        seed=12345,  # the same frozen windows for every row and seed
+        seed=seed,
     )
 
 
@@ -462,7 +472,10 @@ def job_flatness(
     ctx = context(plan, cache)
     data = _load_set(cache, key)
     x: Tensor = data["images"]
-    loss = _fixed_loss(plan, ctx, ipc, data)
+    # the same frozen windows for every row and seed
+    loss = _fixed_loss(
+        plan, ctx, ipc, (x, data["labels"], float(data["syn_lr"])), plan.windows, 12345
+    )
     began = time.perf_counter()
     out: dict[str, Any] = {
         "radii": list(plan.radii),
@@ -551,21 +564,7 @@ def job_norm_ratio(plan: Plan, cache: Path, ipc: int) -> dict[str, Any]:
     (`FixedOuterLoss.from_experts`): exact BPTT vs the graph kept from step ``N - keep`` on."""
     ctx = context(plan, cache)
     images, labels = _initial_set(plan, ctx, ipc, plan.seeds[0])
-    network = get_network("ConvNet", **shape_kw(ctx), seed=0, width=plan.width)
-    loss = FixedOuterLoss.from_experts(
-        network,
-        labels,
-        0.01,
-        ctx["experts"],
-        image_shape=tuple(images.shape[1:]),
-        count=plan.ratio_windows,
-        syn_steps=plan.syn_steps,
-        expert_epochs=plan.expert_epochs,
-        max_start_epoch=plan.max_start_epoch,
-        batch_syn=plan.batch_for(ipc),
-        augmentation=DSA(),
-        seed=4321,
-    )
+    loss = _fixed_loss(plan, ctx, ipc, (images, labels, 0.01), plan.ratio_windows, 4321)
     iota = plan.syn_steps - keep_steps(plan)
     ratios, cosines = [], []
     for window in loss.windows:

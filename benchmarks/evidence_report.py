@@ -334,8 +334,9 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
     )
     up, down = plan.get("lr_extend", 0), plan.get("lr_extend_down", 0)
     extended = f"extended upwards for every tuned row by up to {up} point(s) while the top is "
-    extended += "any row's best" if not down else f"any row's best, downwards by up to {down} "
-    extended += "" if not down else "while the bottom is"
+    extended += "any row's best" + (
+        f", downwards by up to {down} while the bottom is" if down else ""
+    )
     return [
         f"* Data: {plan['dataset']} {'x'.join(map(str, data.get('shape', [])))}: "
         f"{data.get('train')} train (experts and initial images), {data.get('val')} validation "

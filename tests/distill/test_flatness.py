@@ -9,6 +9,7 @@ from torch import Tensor
 
 from sharp_bilevel.distill.flatness import (
     FixedOuterLoss,
+    Window,
     dominant_eigenvalue,
     hessian_vector_product,
     loss_under_perturbation,
@@ -88,12 +89,11 @@ def _fixed(prob: dict[str, object], count: int, seed: int) -> FixedOuterLoss:
     )
 
 
-@pytest.mark.parametrize("batch_syn", [None, 3])
-def test_fixed_loss_equals_the_closure_on_the_same_window(batch_syn: int | None) -> None:
-    prob = _problem(batch_syn=batch_syn)
-    loss = _fixed(prob, count=1, seed=5)
-    window = loss.windows[0]
-    images = prob["images"].clone().requires_grad_()  # type: ignore[attr-defined]
+def _closure(
+    prob: dict[str, object], window: Window, images: Tensor, settings: UnrollSettings | None = None
+) -> TrajectoryMatching:
+    """The library's closure on ``window``'s expert snapshots and step plan (the same minibatches
+    and DSA draws)."""
     closure = TrajectoryMatching(
         prob["student"],  # type: ignore[arg-type]
         images,
@@ -102,11 +102,21 @@ def test_fixed_loss_equals_the_closure_on_the_same_window(batch_syn: int | None)
         expert_start=window.start,
         expert_target=window.target,
         syn_steps=3,
-        batch_syn=batch_syn,
+        batch_syn=prob["batch_syn"],  # type: ignore[arg-type]
         augmentation=DSA(),
+        settings=settings,
     )
-    closure.plan = window.plan  # the same minibatches and DSA draws
-    reference = closure()
+    closure.plan = window.plan
+    return closure
+
+
+@pytest.mark.parametrize("batch_syn", [None, 3])
+def test_fixed_loss_equals_the_closure_on_the_same_window(batch_syn: int | None) -> None:
+    prob = _problem(batch_syn=batch_syn)
+    loss = _fixed(prob, count=1, seed=5)
+    window = loss.windows[0]
+    images = prob["images"].clone().requires_grad_()  # type: ignore[attr-defined]
+    reference = _closure(prob, window, images)()
     value = loss(images)
     assert float(value.detach()) == pytest.approx(float(reference), rel=1e-12)
     (grad,) = torch.autograd.grad(value, images)
@@ -123,20 +133,7 @@ def test_a_window_term_from_step_iota_has_the_tuh_image_gradient() -> None:
     iota, _ = settings.resolve(3, None)
     assert iota == 2  # one kept step of three: the truncation matters
     images = prob["images"].clone().requires_grad_()  # type: ignore[attr-defined]
-    closure = TrajectoryMatching(
-        prob["student"],  # type: ignore[arg-type]
-        images,
-        torch.tensor(0.02, dtype=D),
-        prob["labels"],  # type: ignore[arg-type]
-        expert_start=window.start,
-        expert_target=window.target,
-        syn_steps=3,
-        batch_syn=3,
-        augmentation=DSA(),
-        settings=settings,
-    )
-    closure.plan = window.plan
-    reference = closure()
+    reference = _closure(prob, window, images, settings)()
     x = prob["images"].clone().requires_grad_()  # type: ignore[attr-defined]
     value = loss.term(window, x, graph_from=iota)
     assert float(value.detach()) == pytest.approx(float(reference), rel=1e-12)
