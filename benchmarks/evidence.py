@@ -568,11 +568,11 @@ def job_norm_ratio(plan: Plan, cache: Path, ipc: int) -> dict[str, Any]:
     iota = plan.syn_steps - keep_steps(plan)
     ratios, cosines = [], []
     for window in loss.windows:
-        exact, tuh = (
-            torch.autograd.grad(loss.term(window, x, graph_from=gf), x)[0].flatten()
-            for gf in (0, iota)
-            for x in [images.clone().requires_grad_(True)]
-        )
+        grads = []
+        for graph_from in (0, iota):
+            x = images.clone().requires_grad_(True)
+            grads.append(torch.autograd.grad(loss.term(window, x, graph_from), x)[0].flatten())
+        exact, tuh = grads
         ratios.append(float(tuh.norm() / exact.norm()))
         cosines.append(float(torch.nn.functional.cosine_similarity(tuh, exact, dim=0)))
     return {
