@@ -168,7 +168,7 @@ def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
         for a in archs:
             cells += [_ms(_reference(report, ipc, which, a)), ""]
         lines.append("| " + " | ".join([*cells, "", ""]) + " |")
-    for kind, row, lr, base_lr in listed_runs(report, ipc):
+    for kind, row, lr, mtt_lr in listed_runs(report, ipc):
         runs = [report["distill"].get(run_key(ipc, row, lr, s)) for s in plan["seeds"]]
         runs = [r for r in runs if r is not None]
         cells = [f"{row} ({kind} lr)", f"{lr:.3g}", ""]
@@ -176,7 +176,7 @@ def accuracy_lines(report: dict[str, Any], ipc: int) -> list[str]:
         for a in archs:
             mine = per_seed(report, ipc, row, lr, a)
             n = max(n, len(mine))
-            base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
+            base = per_seed(report, ipc, BASE, mtt_lr, a) if mtt_lr else {}
             cells += [_ms(list(mine.values())), "" if row == BASE else _diff(mine, base)]
         cells[2] = str(n)
         steps = [r["step_median"] for r in runs]
@@ -275,12 +275,12 @@ def summary_lines(report: dict[str, Any], ipc: int) -> list[str]:
     head = ["row", "lr_img", f"{archs[0]} %"] + [f"Δ {a} [95% CI]" for a in archs]
     head += [f"loss rise r={r_loss:g}", f"Δacc r={r_acc:g} (pts)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for kind, row, lr, base_lr in listed_runs(report, ipc):
+    for kind, row, lr, mtt_lr in listed_runs(report, ipc):
         name = row if kind == "shared" else f"{row}, tuned"
         cells = [name, f"{lr:.3g}", _ms(list(per_seed(report, ipc, row, lr, archs[0]).values()))]
         for a in archs:
             mine = per_seed(report, ipc, row, lr, a)
-            base = per_seed(report, ipc, BASE, base_lr, a) if base_lr else {}
+            base = per_seed(report, ipc, BASE, mtt_lr, a) if mtt_lr else {}
             cells.append("" if row == BASE and kind == "shared" else _diff(mine, base))
         f, r = (flat.get(row), robust.get(row)) if kind == "shared" else (None, None)
         cells.append(f"{f['curve'][-1] - f['curve'][0]:.4f}" if f else "")
