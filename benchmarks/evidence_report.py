@@ -365,7 +365,8 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         + "); *shared lr* = MTT's pick for every row, *tuned lr* = each row's own pick.",
         f"* Evaluation: distillation seeds {plan['seeds']} x evaluation seeds "
         f"{plan['eval_seeds']}, {plan['eval_epochs']} epochs, archs {plan['archs']}, at the "
-        "learned syn_lr (init and random real: 0.01).",
+        f"learned syn_lr (init and random real: lr 0.01, evaluation seeds "
+        f"{tuple(plan['eval_seeds'][: plan.get('reference_eval_count')])}).",
         f"* Flatness: outer loss over {plan['windows']} frozen windows (the same for every set), "
         f"{plan['directions']} random directions per radius r (relative: ||δ|| = r ||x||); "
         f"λ_max after {plan['hessian_iterations']} power iterations (seeds "

@@ -198,7 +198,16 @@ def test_each_ipc_may_centre_its_own_grid() -> None:
     assert evidence_report.base_lr(report["plan"], 10) == 90.0
     assert evidence_report.lr_grid(report, 1) == ([3.0, 9.0, 27.0], True)
     assert evidence_report.lr_grid(report, 10) == ([90.0, 270.0, 810.0], False)  # not scored
-    assert evidence.full_plan("fashion", None).lr_for(10) == 10.0
+    assert evidence.full_plan("fashion", None).lr_for(10) == 30.0
+
+
+def test_references_use_the_first_evaluation_seeds() -> None:
+    plan = dataclasses.replace(
+        evidence.smoke_plan(), eval_seeds=(4, 5, 6), reference_eval_count=None
+    )
+    assert plan.reference_seeds() == (4, 5, 6)  # None: every evaluation seed
+    assert dataclasses.replace(plan, reference_eval_count=1).reference_seeds() == (4,)
+    assert dataclasses.replace(plan, reference_eval_count=2).reference_seeds() == (4, 5)
 
 
 def test_lr_grid_grows_for_every_row_while_a_row_peaks_at_its_top() -> None:
@@ -245,20 +254,23 @@ def test_only_additive_plan_changes_resume() -> None:
     assert not evidence.resumable(None, plan)
 
 
-def test_the_docs_page_tables_are_the_recorded_results() -> None:
-    """docs/evidence.md's tables are `summary_lines` of the committed Fashion-MNIST run: a rerun
-    that changes a number fails here until the page is brought up to date."""
-    report = json.loads((ROOT / "benchmarks" / "results" / "evidence.json").read_text())
+@pytest.mark.parametrize("name", ["evidence", "evidence_mnist"])
+def test_the_docs_page_tables_are_the_recorded_results(name: str) -> None:
+    """docs/evidence.md's tables are `summary_lines` of the committed Fashion-MNIST and MNIST
+    runs: a rerun that changes a number fails here until the page is brought up to date."""
+    report = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+    assert report["variant"] == "full"
     page = (ROOT / "docs" / "evidence.md").read_text()
     for ipc in report["plan"]["ipcs"]:
         lines = evidence_report.summary_lines(report, ipc)
         assert len(lines) > 2 + len(report["plan"]["rows"]) - 1
         table = "\n".join(lines)
-        assert table in page, f"IPC {ipc}: the docs table is not the recorded one"
-    assert "\n".join(evidence_report.budget_lines(report)) in page  # ... and so is the budget
+        assert table in page, f"{name}, IPC {ipc}: the docs table is not the recorded one"
+    if name == "evidence":  # ... and so is the budget
+        assert "\n".join(evidence_report.budget_lines(report)) in page
     # ... and its figure is the run's
-    figure = (ROOT / "docs" / "assets" / "evidence.png").read_bytes()
-    assert figure == (ROOT / "benchmarks" / "results" / "evidence.png").read_bytes()
+    figure = (ROOT / "docs" / "assets" / f"{name}.png").read_bytes()
+    assert figure == (ROOT / "benchmarks" / "results" / f"{name}.png").read_bytes()
 
 
 def test_budget_lines_add_up_the_job_times_per_kind() -> None:
