@@ -7,6 +7,7 @@ difference is marked **real** only when the interval excludes 0.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,18 @@ def _norms(report: dict[str, Any]) -> dict[int, float]:
     return {ipc: statistics.fmean(v) for ipc, v in sorted(out.items())}
 
 
+def validation_half_width(report: dict[str, Any]) -> tuple[float, float] | None:
+    """(median validation accuracy p, the binomial 95% half-width ``1.96 sqrt(p (1 - p) / n)``)
+    of one validation score on the ``n`` held-out images, or None without scores: grid points
+    closer than this are within the noise of the pick."""
+    scores = [v["accuracy"]["ConvNet"]["mean"] for v in report.get("val", {}).values()]
+    n = report.get("data", {}).get("val")
+    if not scores or not n:
+        return None
+    p = statistics.median(scores)
+    return p, 1.96 * math.sqrt(p * (1.0 - p) / n)
+
+
 def settings_lines(report: dict[str, Any]) -> list[str]:
     plan = report["plan"]
     data = report.get("data", {})
@@ -408,6 +421,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                 f"| {r['cosine_mean']:.3f} |"
             )
     lines += ["", "## lr_img picks (validation accuracy % at each grid value)", ""]
+    if (noise := validation_half_width(report)) is not None:
+        p, half = noise
+        lines += [
+            f"One score is the accuracy on the {report['data']['val']} validation images: at "
+            f"{100 * p:.1f}% its binomial 95% half-width is ±{100 * half:.1f} points, so grid "
+            "points closer than that are within its noise.",
+            "",
+        ]
     for ipc in plan["ipcs"]:
         for row, v in picks(report, ipc).items():
             grid = ", ".join(f"{lr:g}: {100 * a:.1f}" for lr, a in v["grid"].items())

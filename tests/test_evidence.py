@@ -290,3 +290,15 @@ def test_budget_lines_add_up_the_job_times_per_kind() -> None:
     assert "| flatness | 1 | 1 | 0.5 | 10% |" in lines
     assert "| distill | 1 | 1 | 1.0 | 20% |" in lines
     assert lines[-1].startswith("5 job-minutes in all; 3 min of wall clock")
+
+
+def test_validation_half_width_is_the_binomial_interval_of_one_score() -> None:
+    scores = [0.6, 0.7, 0.8]
+    report = {
+        "val": {str(i): {"accuracy": {"ConvNet": {"mean": a}}} for i, a in enumerate(scores)},
+        "data": {"val": 1000},
+    }
+    p, half = evidence_report.validation_half_width(report)
+    assert p == 0.7
+    assert math.isclose(half, 1.96 * math.sqrt(0.7 * 0.3 / 1000))  # about 2.8 points
+    assert evidence_report.validation_half_width({"val": {}, "data": {"val": 10}}) is None
