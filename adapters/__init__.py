@@ -6,9 +6,29 @@ Installed as the subpackage ``sharp_bilevel.adapters`` (never a top-level ``adap
 * `sharp_bilevel.adapters.ftd`: the same closure and ``ImageEMA`` (attached as a post-step
   hook, so it only ever sees restored images);
 * `sharp_bilevel.adapters.datm`: soft-label logits, ``StartEpochWindow`` and the
-  threshold ``gate``.
+  threshold ``gate``;
+* `sharp_bilevel.adapters.distributed`: one process per GPU under ``torchrun``
+  (``use_local_gpu``, ``seed_everything``, ``take_shard``, ``gather_shards``, and the per-step
+  check that the ranks match the same expert window).
 """
 
-from . import datm, ftd, mtt
+from . import datm, distributed, ftd, mtt
+from .distributed import (
+    RankMismatchError,
+    gather_shards,
+    seed_everything,
+    take_shard,
+    use_local_gpu,
+)
 
-__all__ = ["datm", "ftd", "mtt"]
+__all__ = [
+    "RankMismatchError",
+    "datm",
+    "distributed",
+    "ftd",
+    "gather_shards",
+    "mtt",
+    "seed_everything",
+    "take_shard",
+    "use_local_gpu",
+]

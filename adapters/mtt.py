@@ -27,6 +27,7 @@ from sharp_bilevel.trajectory.sharded import Shard
 from sharp_bilevel.trajectory.student import Student
 
 from ._common import dsa_from_fork, expert_endpoints, setting
+from .distributed import check_same_window
 
 __all__ = ["floor_syn_lr", "make_closure"]
 
@@ -76,7 +77,11 @@ def make_closure(
             fork's ``torch.manual_seed`` still fixes the run). Under ``torchrun`` pass the same
             seed on every rank (``seed=it``).
         shard: run on several GPUs/machines: ``image_syn``/``label_syn`` hold this rank's rows
-            (``Shard.current(total)``); see the "Several GPUs and machines" page.
+            (``Shard.current(total)``); see the "Several GPUs and machines" page. The ranks
+            then check, with one all-gather of six integers, that they match the same expert
+            window (start epoch, ``expert_epochs``, ``syn_steps``, seed and fingerprints of the
+            expert's start and target parameters), and all raise
+            `sharp_bilevel.adapters.distributed.RankMismatchError` together if not.
         selection: PAD's parameter selection (`sharp_bilevel.trajectory.selection`).
         match_step: ``"final"`` (MTT) or ``"closest"`` (ATT).
         fixed_images: SelMatch-style partial updates: samples trained on but never learned
@@ -104,6 +109,17 @@ def make_closure(
     )
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    if shard is not None:
+        check_same_window(
+            shard,
+            start_epoch=start_epoch,
+            expert_epochs=int(epochs),
+            syn_steps=int(steps),
+            seed=seed,
+            start=start,
+            target=target,
+            like=image_syn,
+        )
     return TrajectoryMatching(
         student_net,
         image_syn,
