@@ -17,6 +17,7 @@ the expert and ``t`` from Python's ``random`` and numpy, which MTT and FTD never
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Sequence
@@ -94,6 +95,13 @@ def use_local_gpu() -> str | None:
     return chosen
 
 
+def _world(group: Any) -> int:
+    """Ranks in ``group``; 1 when torch.distributed is not initialised (one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
 def _comm_device(group: Any, like: Tensor) -> torch.device:
     """Where a collective's tensors must live: the GPU for NCCL, the CPU otherwise."""
     return like.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -112,7 +120,7 @@ def take_shard(whole: Tensor, shard: Shard) -> Tensor:
             f"{tuple(whole.shape)}"
         )
     data = whole.detach().clone()
-    if dist.get_world_size(shard.group) > 1:
+    if _world(shard.group) > 1:
         device = _comm_device(shard.group, data)
         buffer = data.to(device)
         dist.broadcast(buffer, src=_global_rank(shard.group, 0), group=shard.group)
@@ -129,7 +137,7 @@ def gather_shards(rows: Tensor, shard: Shard) -> Tensor:
         raise ValueError(
             f"gather_shards: this rank owns {shard.count} rows, got shape {tuple(rows.shape)}"
         )
-    world = dist.get_world_size(shard.group)
+    world = _world(shard.group)
     data = rows.detach()
     if world == 1:
         return data.clone()
@@ -156,16 +164,21 @@ def gather_shards(rows: Tensor, shard: Shard) -> Tensor:
 def fingerprint(params: Tensor | Sequence[Tensor]) -> int:
     r"""A 64-bit fingerprint of a parameter snapshot (a flat vector or per-parameter tensors).
 
-    $h = \sum_k b_k (2k + 1) c \bmod 2^{64}$ over the raw bits $b_k$ of the values (odd
+    $h = c \sum_k b_k (2k + 1) + n \bmod 2^{64}$ over the raw bits $b_k$ of the values (odd
     weights: any single changed value changes $h$). Integer sums are exact in any order, so
     equal snapshots give equal fingerprints on every device.
     """
     tensors = [params] if isinstance(params, Tensor) else list(params)
-    flat = torch.cat([torch.as_tensor(t).detach().reshape(-1).cpu() for t in tensors])
+    parts = [torch.as_tensor(t).detach().reshape(-1) for t in tensors]
+    flat = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].device) for p in parts])
     bits = flat.contiguous().view(_INT_VIEW[flat.element_size()]).to(torch.int64)
-    weights = torch.arange(bits.numel(), dtype=torch.int64) * 2 + 1
-    mixed = bits * weights * 0x5BD1E995 + bits.numel()
-    return int(mixed.sum().item())
+    total = int((bits * _odd_weights(bits.numel(), bits.device)).sum().item())
+    return _as_int64(total * 0x5BD1E995 + bits.numel())
+
+
+@functools.lru_cache(maxsize=4)
+def _odd_weights(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, dtype=torch.int64, device=device) * 2 + 1
 
 
 _FIELDS = (
@@ -229,9 +242,7 @@ def check_same_window(
 
     ``like`` is a tensor on the compute device (NCCL needs the collective there).
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size(shard.group)
+    world = _world(shard.group)
     if world == 1:
         return
     row = [
