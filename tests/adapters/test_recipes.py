@@ -249,7 +249,7 @@ def test_the_recipe_on_two_ranks_saves_what_one_rank_saves(fork: str, tmp_path: 
 
 
 def test_ranks_seeded_differently_stop_with_a_clear_error(tmp_path: Path) -> None:
-    # numpy seeded 0 and 1 draws start epochs 0 and 1 first: the ranks' windows differ.
+    # seeds 0 and 1: the ranks draw start epochs 1 and 2 first (and shuffle the experts apart)
     edit = ("seed_everything(0)", 'seed_everything(int(os.environ["RANK"]))')
     run = torchrun(fork_script("mtt", edit), 2, tmp_path / "unseeded")
     assert run.returncode != 0
