@@ -251,6 +251,8 @@ def _check_checkpoints(
             check_checkpoint(out / config.label / "checkpoint.pt", config, experts_id)
         except UnreadableFileError as err:
             raise _Refused(f"{err}; pass --no-resume to start over") from err
+        except ResumeError:
+            raise  # main() names each differing flag
         except ConfigError as err:  # a checkpoint further along than --iterations
             raise ConfigError(err.argument, f"{err.detail}; {_NEW_RUN}") from err
 
