@@ -293,6 +293,7 @@ def _run(args: argparse.Namespace) -> int:
     family_of(args.method).check(args)
     configs = [_config(args, rule) for rule in rules]  # validates every setting up front
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
+    threads = apply_threads(args.threads)  # before any torch work
     split = _load_data(args)
     check_data(args, split)
     launch = launch_from_environment(args.device)
@@ -300,7 +301,6 @@ def _run(args: argparse.Namespace) -> int:
         args.device = f"cuda:{launch.local_rank}"
     args.quiet = args.quiet or not launch.is_main
     say = print if launch.is_main else _silent
-    threads = apply_threads(args.threads)
     if launch.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
