@@ -11,25 +11,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .. import __version__
 from ..distill.checkpoint import (
     UnreadableFileError,
     remove_stale_temporaries,
     save_synthetic,
     tensors_sha256,
 )
-from ..distill.config import METHODS, NONFINITE_POLICIES, DistillConfig
+from ..distill.config import DistillConfig
 from ..distill.data import DatasetSplit, load_dataset
 from ..distill.diagnostics import DistillationWarning
 from ..distill.evaluation import EvalResult, evaluate_synthetic, random_real_baseline
@@ -48,242 +50,27 @@ from ..distill.sharding import Launch, launch_from_environment
 from ..distill.validation import ConfigError
 from ..optim.errors import NonFiniteError
 from .checks import check_arguments, check_data, check_experts, flag_for
+from .families import family_of
+from .options import DESCRIPTION, EPILOG, Parser, build_parser
+from .threads import apply_threads
 
-DESCRIPTION = (
-    "The main job: train expert trajectories, distil a synthetic set with MTT, FTD or DATM "
-    "and any perturbation rule, evaluate it on several architectures and write images, curves "
-    "and a JSON report. With no arguments it runs on scikit-learn's bundled 8x8 digits (one "
-    "image per class, plain MTT and SATM) in under a minute on two idle CPU cores."
-)
-EPILOG = (
-    "Several GPUs or machines: torchrun --nproc_per_node=K -m sharp_bilevel ... (the synthetic "
-    "set is sharded over the K ranks). Docs: the command-line page of the docs site."
-)
+__all__ = ["DESCRIPTION", "EPILOG", "build_parser", "main"]
+
+#: Kept for code that imported the parser class under its old name.
+_Parser = Parser
 
 
 class _Refused(Exception):
     """A user error that names no single flag (the message says what to do)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a user error in one line (no usage block) and exits with 2; under
-    ``torchrun`` only rank 0 prints it."""
-
-    def error(self, message: str) -> NoReturn:
-        main_rank = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if main_rank else None)
-
-
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _keep(text: str) -> int | float | tuple[int, int] | None:
-    """``all`` -> None (exact BPTT), ``0.33`` -> a fraction, ``6`` -> a step count, ``2:6`` ->
-    a random window (a count drawn per outer step from 2..6)."""
-    if text.lower() in ("all", "none"):
-        return None
-    try:
-        if ":" in text:
-            low, high = text.split(":")
-            return int(low), int(high)
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "must be 'all', a step count >= 1, a fraction in (0, 1] or a window LOW:HIGH, "
-            f"got {text!r}"
-        ) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of the main job."""
-    p = _Parser(
-        prog="python -m sharp_bilevel",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = p.add_argument_group("data and experts")
-    data.add_argument(
-        "--dataset", default="digits", help="digits | fashion-mnist | cifar10 | cifar100"
-    )
-    data.add_argument("--data-root", default=None, help="folder of the data files")
-    data.add_argument(
-        "--limit-train",
-        type=int,
-        default=None,
-        help="use at most this many training images (fashion-mnist, cifar10, cifar100)",
-    )
-    data.add_argument("--model", default="ConvNet", help="distillation architecture")
-    data.add_argument("--width", type=int, default=32, help="network width")
-    data.add_argument(
-        "--buffers",
-        default=None,
-        help="folder of replay_buffer_{n}.pt files to use instead of training experts",
-    )
-    data.add_argument(
-        "--num-experts", type=int, default=4, help="expert trajectories to train (or reuse)"
-    )
-    data.add_argument("--train-epochs", type=int, default=6, help="epochs per expert")
-    data.add_argument(
-        "--expert-optimizer",
-        choices=("sgd", "gsam"),
-        default="sgd",
-        help="sgd (MTT's buffers) or gsam (FTD's flat experts)",
-    )
-    run = p.add_argument_group("distillation")
-    run.add_argument(
-        "--method",
-        choices=METHODS,
-        default="mtt",
-        help="mtt, ftd (image EMA) or datm (soft labels, start-epoch window, loss gate)",
-    )
-    run.add_argument(
-        "--perturbations",
-        default="none,satm",
-        help="comma-separated rules; 'none' is the MTT baseline, 'satm' the preset",
-    )
-    run.add_argument("--rho", type=float, default=None, help="radius (rule default if unset)")
-    run.add_argument("--smooth", type=float, default=None, help="smoothing gamma")
-    run.add_argument(
-        "--keep",
-        type=_keep,
-        default="all",
-        help="TUH: inner steps to differentiate through ('all' = exact BPTT; LOW:HIGH draws "
-        "the count per outer step, a random truncation window)",
-    )
-    run.add_argument("--reuse", action="store_true", help="TR: restart the second pass at iota")
-    run.add_argument("--first-order-lr", action="store_true", help="SATM's Eq. 10 lr gradient")
-    run.add_argument(
-        "--hypergradient",
-        choices=("bptt", "tesla", "checkpointed"),
-        default="bptt",
-        help="bptt; tesla (TESLA's constant-memory form; needs --first-order-lr or satm); "
-        "checkpointed (exact BPTT in sub-linear memory, segments recomputed)",
-    )
-    run.add_argument(
-        "--pad",
-        choices=("depth", "loss_rank"),
-        default=None,
-        help="PAD's parameter selection in the matching loss (depth: the paper's; loss_rank: "
-        "its released code's)",
-    )
-    run.add_argument(
-        "--pad-ratio", type=float, default=0.25, help="PAD: share of parameters dropped"
-    )
-    run.add_argument(
-        "--match-step",
-        choices=("final", "closest"),
-        default="final",
-        help="final (MTT) or closest (ATT: the student step nearest the target)",
-    )
-    run.add_argument(
-        "--fixed-fraction",
-        type=float,
-        default=0.0,
-        help="SelMatch-style partial updates: share of each class's images kept as the real "
-        "images they start from",
-    )
-    run.add_argument(
-        "--autocast",
-        choices=("off", "bfloat16", "float16"),
-        default="off",
-        help="mixed precision inside the unroll (float16 adds a GradScaler; weights, images "
-        "and gradients stay float32)",
-    )
-    run.add_argument(
-        "--compile-inner",
-        action="store_true",
-        help="torch.compile the inner steps that need no graph (compiled once per batch shape)",
-    )
-    run.add_argument("--ipc", type=int, default=1, help="images per class")
-    run.add_argument("--syn-steps", type=int, default=10, help="inner steps N")
-    run.add_argument(
-        "--expert-epochs", type=int, default=2, help="M: expert epochs the student must match"
-    )
-    run.add_argument(
-        "--max-start-epoch",
-        type=int,
-        default=4,
-        help="start epochs t are drawn from [0, max-start-epoch)",
-    )
-    run.add_argument(
-        "--iterations", type=int, default=100, help="outer steps (raise it to extend a run)"
-    )
-    run.add_argument("--lr-img", type=float, default=10.0, help="outer lr of the images")
-    run.add_argument("--lr-lr", type=float, default=1e-6, help="outer lr of syn_lr")
-    run.add_argument(
-        "--lr-teacher", type=float, default=0.01, help="experts' lr and the initial syn_lr"
-    )
-    run.add_argument("--threshold", type=float, default=1.0, help="DATM's gate")
-    run.add_argument("--ema-decay", type=float, default=0.98, help="FTD's image average")
-    run.add_argument("--no-dsa", action="store_true", help="switch augmentation off")
-    run.add_argument(
-        "--nonfinite",
-        choices=NONFINITE_POLICIES,
-        default="raise",
-        help="a NaN/inf outer loss or hypergradient stops the run (raise) or skips the step",
-    )
-    ev = p.add_argument_group("evaluation and output")
-    ev.add_argument(
-        "--eval-models",
-        default="ConvNet,MLP",
-        help="architectures to evaluate on (the first is the distillation one)",
-    )
-    ev.add_argument(
-        "--eval-seeds", default="0,1,2", help="comma-separated seeds of the evaluation networks"
-    )
-    ev.add_argument(
-        "--eval-epochs", type=int, default=300, help="epochs to train each evaluation network"
-    )
-    ev.add_argument(
-        "--out", default=None, help="output folder (default runs/<dataset>-<method>-ipc<k>)"
-    )
-    ev.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="start over: retrain the experts in <out>/experts and ignore checkpoints",
-    )
-    ev.add_argument(
-        "--seed", type=int, default=0, help="seeds the experts, the initial images and the run"
-    )
-    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index>")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
 def _config(args: argparse.Namespace, perturbation: str) -> DistillConfig:
-    return DistillConfig(
-        method=args.method,
-        perturbation=perturbation,
-        rho=args.rho,
-        smooth=args.smooth,
-        keep=args.keep,
-        reuse=args.reuse,
-        lr_gradient="first_order" if args.first_order_lr else "exact",
-        hypergradient=args.hypergradient,
-        pad=args.pad,
-        pad_ratio=args.pad_ratio,
-        match_step=args.match_step,
-        fixed_fraction=args.fixed_fraction,
-        autocast=None if args.autocast == "off" else args.autocast,
-        compile_inner=args.compile_inner,
-        model=args.model,
-        width=args.width,
-        ipc=args.ipc,
-        syn_steps=args.syn_steps,
-        expert_epochs=args.expert_epochs,
-        max_start_epoch=args.max_start_epoch,
-        iterations=args.iterations,
-        lr_img=args.lr_img,
-        lr_lr=args.lr_lr,
-        lr_teacher=args.lr_teacher,
-        threshold=args.threshold,
-        ema_decay=args.ema_decay,
-        dsa=not args.no_dsa,
-        seed=args.seed,
-        nonfinite=args.nonfinite,
-    )
+    """The ``DistillConfig`` of one run, built by the family of ``--method``."""
+    return family_of(args.method).config(args, perturbation)
 
 
 def _load_data(args: argparse.Namespace) -> DatasetSplit:
@@ -464,10 +251,23 @@ def _check_checkpoints(
             check_checkpoint(out / config.label / "checkpoint.pt", config, experts_id)
         except UnreadableFileError as err:
             raise _Refused(f"{err}; pass --no-resume to start over") from err
+        except ResumeError:
+            raise  # main() names each differing flag
+        except ConfigError as err:  # a checkpoint further along than --iterations
+            raise ConfigError(err.argument, f"{err.detail}; {_NEW_RUN}") from err
+
+
+#: How to get a run that does not resume the folder's checkpoint.
+_NEW_RUN = "for a new run pass another --out (or --no-resume to start this folder over)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the whole job; returns the process exit code (2 for a user error)."""
+    """Run the whole job; returns the process exit code.
+
+    A user error (a bad flag, a checkpoint these settings cannot resume, a folder that is a
+    file) ends in ``SystemExit(2)`` with one line on stderr (rank 0's alone under
+    ``torchrun``) and no traceback; real bugs keep theirs.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -476,10 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         said = ", ".join(
             f"{flag_for(k)} {old!r} (now {new!r})" for k, (old, new) in err.changes.items()
         )
-        parser.error(
-            f"cannot resume {err.path}: it was written with {said}; pass --no-resume to start "
-            "over, or another --out"
-        )
+        parser.error(f"cannot resume {err.path}: it was written with {said}; {_NEW_RUN}")
     except ConfigError as err:
         parser.error(f"argument {flag_for(err.argument)}: {err.detail}")
     except (ExpertFolderError, _Refused) as err:
@@ -493,8 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     rules = check_arguments(args)
+    family_of(args.method).check(args)
     configs = [_config(args, rule) for rule in rules]  # validates every setting up front
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
+    threads = apply_threads(args.threads)  # before any torch work
     split = _load_data(args)
     check_data(args, split)
     launch = launch_from_environment(args.device)
@@ -516,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         f"{channels}x{h}x{w}, {train.num_classes} classes -> {out}"
         + (f" ({launch.world_size} ranks, {launch.backend})" if launch.world_size > 1 else "")
     )
+    say(f"{threads.threads} CPU thread{'s' * (threads.threads > 1)}: {threads.reason}")
     _check_checkpoints(args, out, configs)  # before training experts
     if launch.is_main:
         experts, manifest, source = _experts(args, split, out)
@@ -581,8 +381,10 @@ def _run(args: argparse.Namespace) -> int:
                 args, split, result.ema_images, result.labels, result.syn_lr, result.soft_labels
             )
             bar.update(1)
+        ran, preset = result.config.ran()
         runs[label] = {
-            "config": dataclasses.asdict(result.config),
+            "config": ran,
+            "preset": _preset_note(result.config.perturbation, preset),
             "resolved": result.config.resolved(),
             "syn_lr": result.syn_lr,
             "distill_seconds": result.seconds,
@@ -591,10 +393,15 @@ def _run(args: argparse.Namespace) -> int:
             "history": result.history,
         }
     bar.close()
-    save_curves({label: r.history for label, r in results.items()}, out / "curves.png")
+    save_curves(
+        {label: r.history for label, r in results.items()},
+        out / "curves.png",
+        # TODO(merge): title=f"{args.dataset}, IPC {args.ipc}" once save_curves takes title=
+    )
     save_accuracy_chart(
         {k: {a: (r.mean, r.std) for a, r in v.items()} for k, v in evaluations.items()},
         out / "accuracy.png",
+        # TODO(merge): title=f"{args.dataset}, IPC {args.ipc}" once the chart takes title=
     )
     header = "".join(f"{arch:>18}" for arch in _csv(args.eval_models))
     print(f"\ntest accuracy % (mean ± std over seeds {args.eval_seeds})\n{'':<22}{header}")
@@ -602,8 +409,11 @@ def _run(args: argparse.Namespace) -> int:
         print(_row(name, scores))
     write_json(
         {
+            "sharp_bilevel": __version__,
+            "written_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "dataset": args.dataset,
             "settings": vars(args),
+            "settings_note": "the command line as given; runs.<run>.config holds what ran",
             "experts": {
                 "source": source,
                 "folder": str(args.buffers or out / "experts"),
@@ -625,6 +435,7 @@ def _run(args: argparse.Namespace) -> int:
             "seconds": time.perf_counter() - began,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "thread_choice": threads.as_dict(),
             "device": args.device,
         },
         out / "report.json",
@@ -634,6 +445,18 @@ def _run(args: argparse.Namespace) -> int:
         f"({time.perf_counter() - began:.0f} s)"
     )
     return 0
+
+
+def _preset_note(perturbation: str, fields: list[str]) -> dict[str, Any] | None:
+    """Which of a run's ``config`` values a preset set (None: every value is as given)."""
+    if not fields:
+        return None
+    return {
+        "name": perturbation.lower(),
+        "fields": fields,
+        "note": "SATM's preset (smoothed SAM + TUH + TR + first-order lr) set these, whatever "
+        "the flags said",
+    }
 
 
 def _silent(*args: object, **kwargs: object) -> None:

@@ -108,7 +108,8 @@ def _check_device(text: str) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> list[str]:
-    """Check the flags that need no data; return the rule names of ``--perturbations``."""
+    """Check the common flags that need no data; return the rule names of ``--perturbations``
+    (each family checks its own flags: `sharp_bilevel.cli.families`)."""
     if _dataset_key(args.dataset) not in {_dataset_key(d) for d in DATASETS}:
         raise ConfigError("dataset", f"must be one of {', '.join(DATASETS)}; got {args.dataset!r}")
     if args.data_root is not None and _dataset_key(args.dataset) == "digits":
@@ -119,8 +120,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
                 "limit_train", "applies to fashion-mnist, mnist, cifar10 and cifar100"
             )
         check_int("limit_train", args.limit_train, 1)
-    for name in ("num_experts", "train_epochs", "eval_epochs"):
-        check_int(name, getattr(args, name), 1)
+    check_int("eval_epochs", args.eval_epochs, 1)
+    _check_out(args.out)
     if args.buffers is not None and not any(
         p.is_file() for p in Path(args.buffers).glob("replay_buffer_*.pt")
     ):
@@ -131,14 +132,24 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
     rules = _names(
         "perturbations", args.perturbations, ["satm", *available_perturbations()], _is_rule
     )
-    needed = args.max_start_epoch - 1 + args.expert_epochs
-    if args.buffers is None and needed > args.train_epochs:
-        raise ConfigError(
-            "expert_epochs",
-            f"with --max-start-epoch {args.max_start_epoch} reaches expert epoch {needed} "
-            f"(max_start_epoch - 1 + expert_epochs), beyond --train-epochs {args.train_epochs}",
-        )
     return rules
+
+
+def _check_out(out: str | None) -> None:
+    """``--out`` must be a folder, or a path whose nearest existing part is one."""
+    if out is None:
+        return
+    path = Path(out)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = f"{out} is a file" if part == path else f"{part} (in {out}) is a file"
+                raise ConfigError(
+                    "out",
+                    "must be a folder (a new one, or an earlier run's to resume it), but "
+                    f"{what}: choose another --out",
+                )
+            return
 
 
 def check_data(args: argparse.Namespace, split: DatasetSplit) -> None:

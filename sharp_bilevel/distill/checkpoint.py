@@ -35,7 +35,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
     """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync, ``os.replace``.
 
     ``os.replace`` is atomic on POSIX and Windows, so ``path`` holds either the previous complete
-    file or the new complete one, whatever moment the process dies at.
+    file or the new complete one, whatever moment the process dies at. The file gets the mode
+    ``open`` would give it, ``0o666 & ~umask`` (``mkstemp`` creates its temporaries 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,11 +46,26 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be, without changing it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, then put it back
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

@@ -6,8 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..optim.perturbations.registry import get_perturbation
 from ..trajectory.hypergradient import UnrollSettings
+from ..trajectory.matching import autocast_dtype
 from ..trajectory.selection import ParameterSelection
 from .networks import available_networks
 from .validation import (
@@ -26,6 +29,8 @@ HYPERGRADIENTS = ("bptt", "tesla", "checkpointed")
 PAD_MODES = ("depth", "loss_rank")
 MATCH_STEPS = ("final", "closest")
 AUTOCASTS = ("bfloat16", "float16")
+#: What SATM's preset (``perturbation="satm"``) sets, whatever the fields say.
+SATM_PRESET = ("smooth", "keep", "reuse", "lr_gradient")
 #: Settings a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "nonfinite"})
 
@@ -57,7 +62,9 @@ class DistillConfig:
     ``fixed_fraction`` (SelMatch-style partial updates: that share of each class's images,
     rounded down, stays the real images it starts as and is never perturbed).
 
-    ``autocast="bfloat16"`` (or ``"float16"``, with a ``GradScaler`` the run builds) runs each
+    ``autocast="bfloat16"`` (or ``"float16"``, with a ``GradScaler`` the run builds; any spelling
+    of `autocast_dtype <sharp_bilevel.trajectory.matching.autocast_dtype>`, ``"bf16"``,
+    ``"fp16"``, ``torch.bfloat16``, ..., is stored as one of these two names) runs each
     inner step's forward and loss in mixed precision; the images, weights and gradients stay
     float32. ``compile_inner=True`` runs the inner steps that need no graph through
     ``torch.compile`` (the same gradients; faster on CPU for larger batches).
@@ -81,7 +88,7 @@ class DistillConfig:
     pad_ratio: float = 0.25
     match_step: str = "final"
     fixed_fraction: float = 0.0
-    autocast: str | None = None
+    autocast: str | torch.dtype | None = None
     compile_inner: bool = False
     model: str = "ConvNet"
     width: int | None = 32
@@ -106,6 +113,12 @@ class DistillConfig:
     nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
+        try:
+            dtype = autocast_dtype(self.autocast)
+        except ValueError as err:
+            raise ConfigError("autocast", str(err).removeprefix("autocast ")) from None
+        name = None if dtype is None else str(dtype).removeprefix("torch.")
+        object.__setattr__(self, "autocast", name)  # one spelling, JSON-ready
         validate_config(self)
 
     @property
@@ -171,6 +184,22 @@ class DistillConfig:
             "fixed_per_class": self.fixed_per_class(),
             "autocast": self.autocast,
         }
+
+    def ran(self) -> tuple[dict[str, Any], list[str]]:
+        """The settings that ran and the names a preset set: ``asdict`` with SATM's preset
+        values (`SATM_PRESET`: ``smooth`` 0.01 unless given, ``keep`` N/3 unless given,
+        ``reuse=True``, ``lr_gradient="first_order"``) in place of the fields it overrides."""
+        values = dataclasses.asdict(self)
+        if self.perturbation.lower() != "satm":
+            return values, []
+        settings = self.unroll_settings()
+        values.update(
+            smooth=self.rule_kwargs()["smooth"],
+            keep=settings.keep,
+            reuse=settings.reuse,
+            lr_gradient=settings.lr_gradient,
+        )
+        return values, list(SATM_PRESET)
 
     def start_epoch_window(self) -> tuple[int, int, int]:
         """DATM's ``(min_start_epoch, current_max_start_epoch, max_start_epoch)``, clipped."""

@@ -33,7 +33,11 @@ class RunDiagnostics:
         iterations: outer iterations run.
         lr_clamped: iterations after which ``syn_lr`` was raised to `LR_FLOOR`.
         gate_skipped: steps skipped by DATM's gate (``loss > threshold``).
-        nonfinite_skipped: steps skipped for a NaN/inf loss or hypergradient (``nonfinite="skip"``).
+        nonfinite_skipped: steps skipped for a NaN/inf loss or hypergradient (``nonfinite="skip"``,
+            or under float16's ``GradScaler``), ``overflow_skipped`` included.
+        overflow_skipped: of those, steps the float16 ``GradScaler`` skipped with a finite loss:
+            float16 overflowed in the backward pass and the scaler halved its scale.
+        loss_scale: the ``GradScaler``'s scale after the last iteration (None without one).
         initial_image_norm: ``||images||_2`` at iteration 0.
         max_image_norm_ratio: largest ``||images||_2 / initial_image_norm`` seen.
     """
@@ -44,10 +48,23 @@ class RunDiagnostics:
     nonfinite_skipped: int = 0
     initial_image_norm: float = 0.0
     max_image_norm_ratio: float = 1.0
+    overflow_skipped: int = 0
+    loss_scale: float | None = None
 
-    def record(self, *, clamped: bool, image_norm: float, skipped: dict[str, int]) -> None:
-        """Account for one finished iteration (``skipped``: the optimizer's running counts)."""
+    def record(
+        self,
+        *,
+        clamped: bool,
+        image_norm: float,
+        skipped: dict[str, int],
+        overflow: bool = False,
+        loss_scale: float | None = None,
+    ) -> None:
+        """Account for one finished iteration (``skipped``: the optimizer's running counts;
+        ``overflow``: this step was a float16 ``GradScaler`` skip; ``loss_scale``: its scale)."""
         self.iterations += 1
+        self.overflow_skipped += int(overflow)
+        self.loss_scale = loss_scale
         self.lr_clamped += int(clamped)
         self.gate_skipped = int(skipped.get("gate", 0))
         self.nonfinite_skipped = int(skipped.get("nonfinite", 0))
@@ -70,10 +87,18 @@ class RunDiagnostics:
                 f"DATM's gate skipped {self.gate_skipped} of {n} steps (outer loss above "
                 "threshold): the images barely moved (raise threshold, CLI --threshold)"
             )
-        if self.nonfinite_skipped:
+        diverged = self.nonfinite_skipped - self.overflow_skipped
+        if diverged:
             out.append(
-                f"{self.nonfinite_skipped} of {n} steps were skipped for a NaN or infinite "
+                f"{diverged} of {n} steps were skipped for a NaN or infinite "
                 "loss or hypergradient (lower lr_img, CLI --lr-img)"
+            )
+        if self.overflow_skipped:
+            out.append(
+                f"{self.overflow_skipped} of {n} steps were skipped because float16 overflowed "
+                "in the backward pass through the unroll (the loss was finite): the GradScaler "
+                f"halves its scale at each such step (now {self.loss_scale:g}); if it keeps "
+                "happening, use autocast='bfloat16' (CLI --autocast bf16), which needs no scaler"
             )
         if self.max_image_norm_ratio > NORM_EXPLOSION:
             out.append(

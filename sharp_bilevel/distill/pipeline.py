@@ -141,11 +141,19 @@ def _split_fixed(
     return images[learn], labels[learn], images[keep].detach(), labels[keep].detach()
 
 
+#: The float16 ``GradScaler``'s first scale. torch's default, 65536, suits a summed loss over
+#: a large batch; the matching loss is normalised (about 1) and its gradient flows back through
+#: every inner step, so at 65536 the unroll's float16 backward overflows: on digits the scaler
+#: skipped the first 5 steps backing off to 2048, then 2 more down to 512. Starting at 256 the
+#: same run skips none.
+FLOAT16_INIT_SCALE = 2.0**8
+
+
 def _scaler_for(config: DistillConfig, device: torch.device | str) -> Any:
     """A ``GradScaler`` for float16 mixed precision (None otherwise)."""
     if config.autocast != "float16":
         return None
-    return torch.amp.GradScaler(torch.device(device).type)
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=FLOAT16_INIT_SCALE)
 
 
 def _joined(part: Tensor, fixed: Tensor | None, classes: int) -> Tensor:
@@ -434,7 +442,16 @@ def distill(
             image_norm = float(image_sq.sqrt())
         report = optimizer.last_step
         assert report is not None
-        diagnostics.record(clamped=clamped, image_norm=image_norm, skipped=optimizer.skipped_steps)
+        scaler = optimizer.grad_scaler
+        diagnostics.record(
+            clamped=clamped,
+            image_norm=image_norm,
+            skipped=optimizer.skipped_steps,
+            overflow=scaler is not None
+            and report.skipped == "nonfinite"
+            and math.isfinite(report.loss),  # a finite loss: float16 overflowed in backward
+            loss_scale=None if scaler is None else float(scaler.get_scale()),
+        )
         history["loss"].append(report.loss)
         history["perturbed_loss"].append(
             math.nan if report.perturbed_loss is None else report.perturbed_loss

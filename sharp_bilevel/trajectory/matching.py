@@ -302,20 +302,29 @@ _AUTOCAST = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+_AUTOCAST_OFF = ("off", "none", "float32", "fp32")
+#: Every spelling `autocast_dtype` accepts, for error messages.
+AUTOCAST_SPELLINGS = (
+    "torch.bfloat16, torch.float16, 'bf16', 'bfloat16', 'fp16', 'float16', 'half' "
+    "(any case) or None, 'off', 'none', 'float32', 'fp32' (no autocast)"
+)
 
 
 def autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.bfloat16``/``torch.float16`` (or a name: ``"bf16"``, ``"fp16"``, ...) or None."""
+    """``torch.bfloat16``/``torch.float16`` (or a name: ``"bf16"``, ``"fp16"``, ...) or None.
+
+    The one parser of an autocast setting: `TrajectoryMatching`, ``DistillConfig`` and the
+    command line's ``--autocast`` all go through it (case-insensitive, ``torch.`` prefix allowed).
+    """
     if value is None or value in (torch.bfloat16, torch.float16):
         return value
-    if isinstance(value, str) and value.lower() in _AUTOCAST:
-        return _AUTOCAST[value.lower()]
-    if isinstance(value, str) and value.lower() in ("off", "none", "float32", "fp32"):
-        return None
-    raise ValueError(
-        f"autocast must be torch.bfloat16, torch.float16, one of {sorted(_AUTOCAST)} or None, "
-        f"got {value!r}"
-    )
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in _AUTOCAST:
+            return _AUTOCAST[key]
+        if key in _AUTOCAST_OFF:
+            return None
+    raise ValueError(f"autocast must be {AUTOCAST_SPELLINGS}; got {value!r}")
 
 
 def check_window(num_snapshots: int, start_epoch: int, expert_epochs: int) -> None:

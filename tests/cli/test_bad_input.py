@@ -37,7 +37,7 @@ CLI_CASES = [
     (["--pad", "layers"], "--pad", r"invalid choice"),
     (["--pad", "depth", "--pad-ratio", "1"], "--pad-ratio", r"\[0, 1\)"),
     (["--match-step", "best"], "--match-step", r"invalid choice"),
-    (["--autocast", "int8"], "--autocast", r"invalid choice"),
+    (["--autocast", "int8"], "--autocast", r"bf16.*fp16.*got .int8."),
     (["--fixed-fraction", "0.5"], "--fixed-fraction", r"fixes no image"),
     (["--fixed-fraction", "-0.1"], "--fixed-fraction", r"\[0, 1\)"),
     (["--keep", "0"], "--keep", r">= 1"),
@@ -73,6 +73,9 @@ CLI_CASES = [
     (["--nonfinite", "ignore"], "--nonfinite", r"invalid choice"),
     (["--device", "tpu"], "--device", r"cpu, cuda or cuda:<index>"),
     (["--device", "nonsense"], "--device", r"cpu, cuda or cuda:<index>"),
+    (["--pad-ratio", "0.3"], "--pad-ratio", r"only with --pad \(depth or loss_rank\)"),
+    (["--threads", "0"], "--threads", r"an int >= 1, got '0'"),
+    (["--threads", "two"], "--threads", r"an int >= 1, got 'two'"),
 ]
 if not torch.cuda.is_available():
     CLI_CASES.append((["--device", "cuda"], "--device", r"no CUDA device is available"))
@@ -180,7 +183,7 @@ CONFIG_CASES = [
     ({"pad": "layers"}, "pad", r"one of depth, loss_rank"),
     ({"pad_ratio": 1.0}, "pad_ratio", r"\[0, 1\)"),
     ({"match_step": "best"}, "match_step", r"one of final, closest"),
-    ({"autocast": "int8"}, "autocast", r"one of bfloat16, float16"),
+    ({"autocast": "int8"}, "autocast", r"bf16.*float16.*got .int8."),
     ({"compile_inner": "yes"}, "compile_inner", r"True or False"),
     ({"fixed_fraction": 0.4, "ipc": 2}, "fixed_fraction", r"fixes no image"),
     ({"fixed_fraction": 1.0, "ipc": 2}, "fixed_fraction", r"\[0, 1\)"),
@@ -212,3 +215,71 @@ def test_config_accepts_what_it_documents() -> None:
     cfg = DistillConfig(method="datm", min_start_epoch=1, max_start_epoch=3)
     assert cfg.start_epoch_window() == (1, 2, 3)
     assert DistillConfig(current_max_start_epoch=9).start_epoch_window() == (0, 4, 4)
+
+
+# ------------------------------------------------------------------ issue 21, point 6
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    return lines[0]
+
+
+@pytest.mark.usefixtures("no_work")
+def test_an_out_that_is_a_file_is_refused_naming_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a folder")
+    for out in (existing, existing / "run"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--out", str(out), "--quiet"])
+        assert info.value.code == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith("python -m sharp_bilevel: error: argument --out: must be a folder")
+        assert f"{existing} " in line
+        assert "another --out" in line
+    assert existing.read_text() == "not a folder"
+
+
+@pytest.mark.usefixtures("no_work")
+def test_fixed_fraction_under_torchrun_is_refused_before_the_experts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to train the experts, then die in the pipeline with a traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--fixed-fraction", "0.5", "--ipc", "2", "--out", str(out), "--quiet"])
+    assert info.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "argument --fixed-fraction: cannot be sharded over 2 torchrun ranks" in line
+    assert "drop --fixed-fraction" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("spelling", "name"),
+    [("bf16", "bfloat16"), ("BFloat16", "bfloat16"), ("torch.bfloat16", "bfloat16"),
+     ("fp16", "float16"), ("float16", "float16"), ("half", "float16"), ("off", None)],
+)  # fmt: skip
+def test_every_autocast_spelling_reaches_the_config(spelling: str, name: str | None) -> None:
+    """Issue 21, point 11: the CLI refused ``bf16``, which the Python API accepts."""
+    args = cli.build_parser().parse_args(["--autocast", spelling])
+    config = cli._config(args, "none")
+    assert config.autocast == name
+    assert DistillConfig(autocast=spelling).autocast == name  # the Python API, same parser
+
+
+def test_the_python_api_takes_dtypes_and_names_alike() -> None:
+    from sharp_bilevel.trajectory.matching import autocast_dtype
+
+    by_dtype = DistillConfig(perturbation="satm", autocast=torch.bfloat16)
+    by_name = DistillConfig(perturbation="satm", autocast="bf16")
+    assert by_dtype == by_name
+    assert by_dtype.autocast == "bfloat16"
+    assert autocast_dtype(by_name.autocast) is torch.bfloat16
+    assert DistillConfig(autocast=torch.float16).autocast == "float16"
+    with pytest.raises(ConfigError, match=r"'bf16', 'bfloat16', 'fp16', 'float16'") as info:
+        DistillConfig(autocast=torch.int8)  # type: ignore[arg-type]
+    assert info.value.argument == "autocast"
