@@ -1,7 +1,8 @@
-"""Draw the recorded benchmark results into the docs: ``python benchmarks/plot_results.py``.
+"""Draw two studies' recorded results into the docs: ``python benchmarks/plot_results.py``.
 
-Reads ``benchmarks/results/{trajectory_cost,accuracy}.json`` and writes
-``docs/assets/bench_cost.png`` and ``docs/assets/bench_accuracy.png``.
+Reads ``benchmarks/step_cost/results/trajectory_cost.json`` and
+``benchmarks/evidence/results/accuracy.json``, and writes ``docs/assets/bench_cost.png`` and
+``docs/assets/bench_accuracy.png``. It serves both studies, so it sits beside their folders.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+STEP_COST = ROOT / "benchmarks" / "step_cost" / "results"
+EVIDENCE = ROOT / "benchmarks" / "evidence" / "results"
 ASSETS = ROOT / "docs" / "assets"
 
 
 def plot_cost() -> Path:
-    data = json.loads((RESULTS / "trajectory_cost.json").read_text())
+    data = json.loads((STEP_COST / "trajectory_cost.json").read_text())
     rows = data["configs"]
     names = [r["config"] for r in rows]
     series = [
@@ -45,7 +47,7 @@ def plot_cost() -> Path:
 
 
 def plot_accuracy() -> Path:
-    data = json.loads((RESULTS / "accuracy.json").read_text())
+    data = json.loads((EVIDENCE / "accuracy.json").read_text())
     order = ["random real", "MTT", "FTD (EMA)", "SAM", "ASAM", "GSAM", "VaSSO", "SATM"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     for ax, arch in zip(axes, ("ConvNet", "MLP"), strict=True):

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import evidence  # noqa: E402
-import evidence_report  # noqa: E402
-from evidence_stats import paired_interval, t_quantile  # noqa: E402
+from benchmarks.common.stats import paired_interval, t_quantile  # noqa: E402
+from benchmarks.evidence import jobs, runner  # noqa: E402
+from benchmarks.evidence import plan as plans  # noqa: E402
+from benchmarks.evidence import report as evidence_report  # noqa: E402
+from benchmarks.evidence.report import MATCHED, run_key, table_runs  # noqa: E402
+from sharp_bilevel.distill.data import load_digits  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::sharp_bilevel.distill.diagnostics.DistillationWarning"
@@ -52,8 +55,8 @@ def test_paired_interval_by_hand() -> None:
 
 
 def test_validation_split_is_stratified_and_disjoint() -> None:
-    train, val, _ = evidence.load(evidence.smoke_plan())
-    everything = evidence.load_digits().train
+    train, val, _ = jobs.load(plans.smoke_plan())
+    everything = load_digits().train
     assert len(train) + len(val) == len(everything)
     for c in range(10):
         n = int((everything.labels == c).sum())
@@ -63,10 +66,10 @@ def test_validation_split_is_stratified_and_disjoint() -> None:
 
 
 def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
-    plan = evidence.smoke_plan()
+    plan = plans.smoke_plan()
     out, cache = tmp_path / "out", tmp_path / "cache"
-    evidence.run(plan, out, cache, workers=1, max_jobs=7)  # stopped part-way
-    report = evidence.run(plan, out, cache, workers=1)
+    runner.run(plan, out, cache, workers=1, max_jobs=7)  # stopped part-way
+    report = runner.run(plan, out, cache, workers=1)
     assert report["executed"] > 0
     seed0 = plan.seeds[0]
     for ipc in plan.ipcs:
@@ -74,14 +77,12 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
         # the picks are then the validation argmax over that same grid
         def scores(row: str, grid: list[float], ipc: int = ipc) -> dict[float, float]:
             return {
-                lr: report["val"][evidence.run_key(ipc, row, lr, seed0)]["accuracy"]["ConvNet"][
-                    "mean"
-                ]
+                lr: report["val"][run_key(ipc, row, lr, seed0)]["accuracy"]["ConvNet"]["mean"]
                 for lr in grid
             }
 
         grid = [plan.lr_for(ipc) * m for m in plan.lr_grid]
-        tuned = [row for row in plan.rows if evidence.is_tuned(row)]
+        tuned = [row for row in plan.rows if plans.is_tuned(row)]
         up, down = plan.lr_extend, plan.lr_extend_down
         while True:
             bests = {max(grid, key=scores(row, grid).get) for row in tuned}
@@ -96,32 +97,32 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
         for row in tuned:
             s = scores(row, grid)
             assert evidence_report.picks(report, ipc)[row]["pick"] == max(s, key=s.get)
-        table = evidence.table_runs(report, ipc)
+        table = table_runs(report, ipc)
         shared = table[("MTT", "shared")]
-        assert table[(evidence.MATCHED, "shared")] == pytest.approx(
-            shared * plan.syn_steps / evidence.keep_steps(plan)
+        assert table[(MATCHED, "shared")] == pytest.approx(
+            shared * plan.syn_steps / plans.keep_steps(plan)
         )
         for (row, _kind), lr in table.items():
             for seed in plan.seeds:
-                key = evidence.run_key(ipc, row, lr, seed)
+                key = run_key(ipc, row, lr, seed)
                 assert key in report["test"]
                 assert key in report["flatness"]
                 flat = report["flatness"][key]
                 assert len(flat["losses"]) == len(plan.radii)
                 assert all(len(r) == plan.directions for r in flat["losses"])
-        shared_flat = report["flatness"][evidence.run_key(ipc, "MTT", shared, seed0)]
+        shared_flat = report["flatness"][run_key(ipc, "MTT", shared, seed0)]
         assert "eigenvalue" in shared_flat
         # accuracy under perturbation: every shared run at the probe seeds, every radius and
         # direction; its unperturbed accuracy is the test job's at the same evaluation seed
         probes = {
-            evidence.run_key(ipc, row, lr, seed)
+            run_key(ipc, row, lr, seed)
             for (row, kind), lr in table.items()
             for seed in plan.hessian_seeds
             if kind == "shared"
         }
         for (row, _kind), lr in table.items():
             for seed in plan.seeds:
-                key = evidence.run_key(ipc, row, lr, seed)
+                key = run_key(ipc, row, lr, seed)
                 assert (key in report["robustness"]) == (key in probes)
                 if key in probes:
                     entry = report["robustness"][key]
@@ -130,9 +131,9 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
                     test_acc = report["test"][key]["accuracy"]["ConvNet"]["accuracies"][0]
                     assert entry["clean"] == test_acc
         # ... and the pairing holds: the probe at radius 0 retrains exactly as the test job did
-        key = evidence.run_key(ipc, "MTT", shared, seed0)
+        key = run_key(ipc, "MTT", shared, seed0)
         zero = dataclasses.replace(plan, acc_radii=(0.0,))
-        again = evidence.job_robustness(zero, cache, key, clean=-1.0)["accuracy"][0]
+        again = jobs.job_robustness(zero, cache, key, clean=-1.0)["accuracy"][0]
         assert (
             again == [report["test"][key]["accuracy"]["ConvNet"]["accuracies"][0]] * plan.directions
         )
@@ -142,12 +143,12 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
         assert all(-1 <= c <= 1 for c in ratio["cosine"])
     # the Markdown's interval for SATM vs MTT at IPC 1 is the paired t-interval of the JSON
     ipc = plan.ipcs[0]
-    table = evidence.table_runs(report, ipc)
+    table = table_runs(report, ipc)
 
     def accs(row: str) -> list[float]:
         lr = table[(row, "shared")]
         return [
-            report["test"][evidence.run_key(ipc, row, lr, s)]["accuracy"]["ConvNet"]["mean"]
+            report["test"][run_key(ipc, row, lr, s)]["accuracy"]["ConvNet"]["mean"]
             for s in plan.seeds
         ]
 
@@ -160,7 +161,7 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
     # accuracy changes
     def changes(row: str) -> list[float]:
         lr = table[(row, "shared")]
-        entries = [report["robustness"][evidence.run_key(ipc, row, lr, s)] for s in (0, 1)]
+        entries = [report["robustness"][run_key(ipc, row, lr, s)] for s in (0, 1)]
         return [statistics.fmean(a - e["clean"] for a in e["accuracy"][-1]) for e in entries]
 
     p = paired_interval(changes("SATM"), changes("MTT"))
@@ -168,7 +169,7 @@ def test_smoke_run_is_complete_consistent_and_resumes(tmp_path: Path) -> None:
     assert (out / "evidence_digits.png").stat().st_size > 10_000
     # a rerun has nothing left to do and changes no result
     before = json.loads((out / "evidence_digits.json").read_text())
-    again = evidence.run(plan, out, cache, workers=1)
+    again = runner.run(plan, out, cache, workers=1)
     assert again["executed"] == 0
     for part in ("distill", "val", "test", "flatness", "robustness", "reference", "norm_ratio"):
         assert again[part] == before[part]
@@ -183,7 +184,7 @@ def _report(scores: dict[str, dict[float, float]], extend: int, down: int = 0) -
         "lr_extend_down": down,
     }
     val = {
-        evidence.run_key(1, row, lr, 0): {"accuracy": {"ConvNet": {"mean": acc}}}
+        run_key(1, row, lr, 0): {"accuracy": {"ConvNet": {"mean": acc}}}
         for row, grid in scores.items()
         for lr, acc in grid.items()
     }
@@ -198,13 +199,11 @@ def test_each_ipc_may_centre_its_own_grid() -> None:
     assert evidence_report.base_lr(report["plan"], 10) == 90.0
     assert evidence_report.lr_grid(report, 1) == ([3.0, 9.0, 27.0], True)
     assert evidence_report.lr_grid(report, 10) == ([90.0, 270.0, 810.0], False)  # not scored
-    assert evidence.full_plan("fashion", None).lr_for(10) == 30.0
+    assert plans.full_plan("fashion", None).lr_for(10) == 30.0
 
 
 def test_references_use_the_first_evaluation_seeds() -> None:
-    plan = dataclasses.replace(
-        evidence.smoke_plan(), eval_seeds=(4, 5, 6), reference_eval_count=None
-    )
+    plan = dataclasses.replace(plans.smoke_plan(), eval_seeds=(4, 5, 6), reference_eval_count=None)
     assert plan.reference_seeds() == (4, 5, 6)  # None: every evaluation seed
     assert dataclasses.replace(plan, reference_eval_count=1).reference_seeds() == (4,)
     assert dataclasses.replace(plan, reference_eval_count=2).reference_seeds() == (4, 5)
@@ -245,20 +244,20 @@ def test_lr_grid_grows_downwards_too_and_both_ways_at_once() -> None:
 
 
 def test_only_additive_plan_changes_resume() -> None:
-    plan = evidence.dataclasses.asdict(evidence.smoke_plan())
+    plan = dataclasses.asdict(plans.smoke_plan())
     older = {k: v for k, v in plan.items() if k != "lr_extend"}  # written before the field
-    assert evidence.resumable(older, plan)
-    assert evidence.resumable({**plan, "lr_extend": 0}, plan)
-    assert evidence.resumable({**plan, "lr_extend_down": 1}, plan)
-    assert not evidence.resumable({**plan, "iterations": plan["iterations"] + 1}, plan)
-    assert not evidence.resumable(None, plan)
+    assert runner.resumable(older, plan)
+    assert runner.resumable({**plan, "lr_extend": 0}, plan)
+    assert runner.resumable({**plan, "lr_extend_down": 1}, plan)
+    assert not runner.resumable({**plan, "iterations": plan["iterations"] + 1}, plan)
+    assert not runner.resumable(None, plan)
 
 
 @pytest.mark.parametrize("name", ["evidence", "evidence_mnist"])
 def test_the_docs_page_tables_are_the_recorded_results(name: str) -> None:
     """docs/evidence.md's tables are `summary_lines` of the committed Fashion-MNIST and MNIST
     runs: a rerun that changes a number fails here until the page is brought up to date."""
-    report = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+    report = json.loads((ROOT / "benchmarks" / "evidence" / "results" / f"{name}.json").read_text())
     assert report["variant"] == "full"
     page = (ROOT / "docs" / "evidence.md").read_text()
     for ipc in report["plan"]["ipcs"]:
@@ -270,7 +269,7 @@ def test_the_docs_page_tables_are_the_recorded_results(name: str) -> None:
         assert "\n".join(evidence_report.budget_lines(report)) in page
     # ... and its figure is the run's
     figure = (ROOT / "docs" / "assets" / f"{name}.png").read_bytes()
-    assert figure == (ROOT / "benchmarks" / "results" / f"{name}.png").read_bytes()
+    assert figure == (ROOT / "benchmarks" / "evidence" / "results" / f"{name}.png").read_bytes()
 
 
 def test_budget_lines_add_up_the_job_times_per_kind() -> None:

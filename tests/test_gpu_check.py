@@ -1,5 +1,5 @@
-"""``benchmarks/gpu_check.py --device cpu --quick`` runs end to end, so the GPU check cannot rot
-before a GPU is lent (issue 11)."""
+"""``benchmarks/gpu_check/gpu_check.py --device cpu --quick`` runs end to end, so the GPU check
+cannot rot before a GPU is lent (issue 11)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path: Path) -> None:
-    script = ROOT / "benchmarks" / "gpu_check.py"
+    script = ROOT / "benchmarks" / "gpu_check" / "gpu_check.py"
     done = subprocess.run(
         [sys.executable, str(script), "--device", "cpu", "--quick", "--out-dir", str(tmp_path)],
         capture_output=True,

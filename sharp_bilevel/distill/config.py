@@ -39,7 +39,8 @@ RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "nonfinite"})
 class DistillConfig:
     """Settings of one distillation run (defaults sized for 8x8 digits on two CPU cores).
 
-    ``lr_img=10`` and ``lr_lr=1e-6`` were tuned on MTT alone for digits (``benchmarks/accuracy``):
+    ``lr_img=10`` and ``lr_lr=1e-6`` were tuned on MTT alone for digits
+    (``benchmarks/evidence/accuracy.py``):
     MTT's CIFAR values (1000 / 1e-5) make MTT end below its own starting images there and
     collapse ``syn_lr`` within a few iterations. FTD's decay is 0.98 because these runs are
     short (FTD uses 0.999-0.9995 over thousands of iterations).

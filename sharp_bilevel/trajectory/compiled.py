@@ -8,7 +8,8 @@ function sees plain tensors. Compiled functions are cached per network (weakly) 
 settings, so a run compiles once per batch shape, not once per outer step.
 
 On the CPU of this project (2 cores, torch 2.13) it makes such a step 0.22 to 0.27 of a kept
-step instead of 0.28 to 0.31 (``benchmarks/results/inner_step.md``). Its gradients agree with
+step instead of 0.28 to 0.31 (``benchmarks/step_cost/results/inner_step.md``). Its gradients
+agree with
 the eager ones to float32 rounding reordered by the compiler (about 1e-6 relative for small
 batches, up to 3e-4 for IPC 10) and to 1e-12 in float64.
 """

@@ -1,6 +1,6 @@
 """Cost of one inner step without graph (eager and compiled) against a kept step.
 
-    python benchmarks/inner_step.py [--out benchmarks/results/inner_step.json]
+    python benchmarks/step_cost/inner_step.py [--out <file>.json]
 
 The steps before ``iota`` need only ``g = grad_w CE(f(x; w), y)``; a kept step also builds the
 graph and back-propagates through it. Measured: the eager step (``torch.autograd.grad``), the
@@ -120,11 +120,11 @@ def main() -> None:
         head = [
             "# One inner step without graph: eager and compiled, against a kept step",
             "",
-            f"`python benchmarks/inner_step.py --out {args.out}` ({meta['wall_s']:.0f} s, "
-            f"{meta['date']}, torch {meta['torch']}, 2 threads, 1-min load "
-            f"{meta['load_average_1min']}). ConvNet (instance norm), 10 classes, full batch, "
-            f"median of {args.repeats} interleaved repeats after a warm-up. Target: a step "
-            f"without graph <= {TARGET} of a kept step.",
+            f"`python benchmarks/step_cost/inner_step.py --out {args.out}` "
+            f"({meta['wall_s']:.0f} s, {meta['date']}, torch {meta['torch']}, 2 threads, "
+            f"1-min load {meta['load_average_1min']}). ConvNet (instance norm), 10 classes, "
+            f"full batch, median of {args.repeats} interleaved repeats after a warm-up. "
+            f"Target: a step without graph <= {TARGET} of a kept step.",
             "",
         ]
         args.out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")

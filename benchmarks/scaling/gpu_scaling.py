@@ -1,12 +1,12 @@
 """``scaling.py`` on the GPUs of this machine: one NCCL rank per visible GPU.
 
-    python benchmarks/gpu_scaling.py [--quick]
+    python benchmarks/scaling/gpu_scaling.py [--quick]
 
 Per rank it records ``torch.cuda.max_memory_allocated`` beside the saved-for-backward meter,
 for 1, 2, ... up to the number of visible GPUs (at most 3 worlds: 1, 2 and all), and writes
-``results/gpu_scaling.{json,md}``. On a machine without CUDA it says so and runs the same
-measurement on the CPU with gloo (``--quick`` keeps that to about a minute), so the script stays
-runnable everywhere.
+``benchmarks/scaling/results/gpu_scaling.{json,md}``. On a machine without CUDA it says so and
+runs the same measurement on the CPU with gloo (``--quick`` keeps that to about a minute), so the
+script stays runnable everywhere.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scaling
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from benchmarks.scaling import scaling
 
 
 def main() -> None:

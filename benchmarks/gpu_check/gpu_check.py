@@ -1,9 +1,10 @@
 """The prepared GPU check: exactness, memory and time at SATM's Table 6 scale, mixed precision.
 
-    python benchmarks/gpu_check.py                       # on the GPU (about 5 minutes on one)
-    python benchmarks/gpu_check.py --device cpu --quick  # the same code path, seconds (tested)
+    python benchmarks/gpu_check/gpu_check.py                       # on the GPU (about 5 minutes)
+    python benchmarks/gpu_check/gpu_check.py --device cpu --quick  # the same code path, seconds
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out-dir`` (default ``benchmarks/results``):
+Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out-dir`` (default
+``benchmarks/gpu_check/results``; ``--quick`` writes ``gpu_check_quick.*``):
 
 1. exactness: float64 image and lr gradients on the device against the CPU for MTT (exact
    BPTT), SAM (one full two-pass step) and SATM (smoothed SAM + TUH + TR + first-order lr);
@@ -33,9 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trajectory_cost import saved_bytes_meter
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+from benchmarks.common.memory import saved_bytes_meter
 from sharp_bilevel import SharpBilevelOptimizer, TrajectoryMatching, UnrollSettings
 from sharp_bilevel.distill.networks import get_network
 from sharp_bilevel.trajectory.augment import DSA
@@ -250,7 +251,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# GPU check",
         "",
-        f"`python benchmarks/gpu_check.py{' --quick' if meta['quick'] else ''} --device "
+        f"`python benchmarks/gpu_check/gpu_check.py{' --quick' if meta['quick'] else ''} --device "
         f"{meta['device']}` on {meta['device_name']}, {meta['date']}, torch {meta['torch']} "
         f"({meta['wall_s']:.0f} s). Config: ConvNet width {cfg['width']}, "
         f"{'x'.join(map(str, cfg['shape']))}, {cfg['classes']} classes, IPC {cfg['ipc']}, "

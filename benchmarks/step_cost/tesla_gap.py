@@ -1,6 +1,6 @@
 """How far TESLA's hypergradient is from exact BPTT (and where TUH sits), on two problems.
 
-    python benchmarks/tesla_gap.py [--quick] [--out benchmarks/results/tesla_gap.json]
+    python benchmarks/step_cost/tesla_gap.py [--quick] [--out <file>.json]
 
 * ridge: a linear student ``f(x) = W x`` with a squared-error inner loss, so the dropped
   Hessian-chain terms are ``(I - alpha H)`` products with ``H = X^T X / n`` constant;
@@ -167,7 +167,7 @@ def main() -> None:
         head = [
             "# TESLA and TUH against exact BPTT",
             "",
-            f"`python benchmarks/tesla_gap.py --out {args.out}` ({meta['wall_s']:.0f} s, "
+            f"`python benchmarks/step_cost/tesla_gap.py --out {args.out}` ({meta['wall_s']:.0f} s, "
             f"{meta['date']}, torch {meta['torch']}). Image gradients in float64, seeds "
             f"{seeds}: cosine with exact BPTT (mean, min over seeds) and norm ratio. Ridge: "
             f"linear student, squared error, 20 samples of 16 features, alpha = {alpha}. "

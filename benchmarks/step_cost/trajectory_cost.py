@@ -1,7 +1,10 @@
 """Cost of one outer step: MTT (exact BPTT) vs naive SAM vs SATM (DESIGN.md sections 6 and 10).
 
-    python benchmarks/trajectory_cost.py [--quick] [--out benchmarks/results/trajectory_cost.json]
-    python benchmarks/trajectory_cost.py --variants [--out .../trajectory_variants.json]
+    python benchmarks/step_cost/trajectory_cost.py [--quick] [--out <file>.json]
+    python benchmarks/step_cost/trajectory_cost.py --variants [--out <file>.json]
+    python benchmarks/step_cost/trajectory_cost.py --checkpointed [--out <file>.json]
+
+(the recorded files: ``benchmarks/step_cost/results/``; their commands: README.md beside this)
 
 ``--variants``: LookSAM (k = 2, 5, 10, each with TUH + TR + first-order lr) and TESLA (alone
 and inside SAM) against MTT and SATM, mean step time over whole 10-step cycles, peak saved
@@ -33,9 +36,6 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 # OpenMP threads that spin while waiting make a step 10-40x slower when another process shares
@@ -45,6 +45,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from benchmarks.common.memory import saved_bytes_meter
+from benchmarks.common.timing import interleaved
 from sharp_bilevel import SharpBilevelOptimizer
 from sharp_bilevel.trajectory.checkpointed import segment_starts
 from sharp_bilevel.trajectory.hypergradient import UnrollSettings
@@ -138,57 +142,7 @@ class Run:
         self.opt.step(closure)
 
 
-# ---------------------------------------------------------------------- the three helpers
-class _Box:
-    """What the pack hook stores. It holds a detached alias: holding the tensor itself (with its
-    grad_fn) forms reference cycles through autograd nodes (seen with GroupNorm's double
-    backward) that are never freed. Unpacking restores the grad_fn."""
-
-    __slots__ = ("__weakref__", "tensor")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor.detach()
-
-
-@contextmanager
-def saved_bytes_meter() -> Iterator[dict[str, int]]:
-    """Live bytes of the storages that saved-for-backward tensors keep alive, and their peak.
-
-    A storage counts once however many saved tensors (views, repeats) share it; it stops
-    counting when the last saved tensor on it is released (the box's finalizer runs)."""
-    meter = {"live": 0, "peak": 0}
-    refs: dict[int, int] = {}
-
-    def release(key: int, nbytes: int) -> None:
-        refs[key] -= 1
-        if refs[key] == 0:
-            del refs[key]
-            meter["live"] -= nbytes
-
-    def pack(tensor: torch.Tensor) -> _Box:
-        box = _Box(tensor)
-        storage = tensor.untyped_storage()
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if key not in refs:
-            refs[key] = 0
-            meter["live"] += nbytes
-            meter["peak"] = max(meter["peak"], meter["live"])
-        refs[key] += 1
-        weakref.finalize(box, release, key, nbytes)
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
-        yield meter
-
-
-def timed(fn: Callable[[], None]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
-    gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
+# ---------------------------------------------------------------------- printing
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     if not rows:
         return
@@ -230,9 +184,10 @@ def rss_of_one_step(cfg: list, variant: str, threads: int) -> dict[str, float]:
 
 def child_rss(cfg: tuple, variant: str, threads: int, env: dict[str, str]) -> dict[str, float]:
     """Peak RSS of ``rss_of_one_step`` in a fresh interpreter with ``env`` added."""
-    here = str(Path(__file__).resolve().parent)
+    root = str(Path(__file__).resolve().parents[2])
     code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import trajectory_cost as t; "
+        f"import json, sys; sys.path.insert(0, {root!r}); "
+        "import benchmarks.step_cost.trajectory_cost as t; "
         f"print(json.dumps(t.rss_of_one_step({list(cfg)!r}, {variant!r}, {threads})))"
     )
     out = subprocess.run(
@@ -254,17 +209,11 @@ def measure_config(cfg: tuple, allocators: dict[str, dict[str, str]], threads: i
     name, _, _, syn_steps, ipc, repeats = cfg
     net = build_net(cfg[1], cfg[2])
     runs = {v: Run(v, net, cfg) for v in VARIANTS}
-    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     if COMPILE_INNER[0]:  # compile outside the meter (torch.func refuses saved-tensor hooks)
         for v in VARIANTS:
             runs[v].step()
     saved = {v: float(peak_saved(runs[v])) for v in VARIANTS}  # the warm-up round, metered
-    for _ in range(repeats):
-        for v in VARIANTS:
-            w, c = timed(runs[v].step)
-            wall[v].append(w)
-            cpu[v].append(c)
+    wall, cpu = interleaved({v: runs[v].step for v in VARIANTS}, repeats)
     med_wall = {v: statistics.median(wall[v]) for v in VARIANTS}
     med_cpu = {v: statistics.median(cpu[v]) for v in VARIANTS}
     result = {
@@ -360,14 +309,7 @@ def variant_costs(cfg: tuple, cycles: int, tesla_lengths: list[int]) -> dict:
     net = build_net(cfg[1], cfg[2])
     runs = {v: VariantRun(v, net, cfg) for v in VARIANT_RUNS}
     saved = {v: float(peak_saved_cycle(runs[v], CYCLE)) for v in VARIANT_RUNS}  # warm-up
-    wall: dict[str, list[float]] = {v: [] for v in VARIANT_RUNS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANT_RUNS}
-    for _ in range(cycles):
-        for v in VARIANT_RUNS:
-            for _ in range(CYCLE):
-                w, c = timed(runs[v].step)
-                wall[v].append(w)
-                cpu[v].append(c)
+    wall, cpu = interleaved({v: runs[v].step for v in VARIANT_RUNS}, cycles, per_turn=CYCLE)
     mean_wall = {v: statistics.fmean(wall[v]) for v in VARIANT_RUNS}
     mean_cpu = {v: statistics.fmean(cpu[v]) for v in VARIANT_RUNS}
     by_n: dict[str, dict[int, float]] = {"tesla": {}, "mtt": {}}
@@ -452,10 +394,7 @@ def checkpoint_costs(cfg: tuple, lengths: list[int], repeats: int) -> dict:
             run.opt.closure_options = {"unroll": UnrollSettings(hypergradient=mode)}
             runs[mode] = run
         saved = {m: float(peak_saved(r)) for m, r in runs.items()}  # also the warm-up
-        times: dict[str, list[float]] = {m: [] for m in runs}
-        for _ in range(repeats):
-            for m, r in runs.items():
-                times[m].append(timed(r.step)[0])
+        times, _ = interleaved({m: r.step for m, r in runs.items()}, repeats)
         med = {m: statistics.median(t) for m, t in times.items()}
         out[str(n)] = {
             "segment": segment_starts(0, n, None)[1] if n > 1 else 1,

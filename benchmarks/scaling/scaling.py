@@ -1,13 +1,13 @@
 """The synthetic set sharded over 1, 2 and 3 CPU processes (gloo): per-rank memory, traffic, time.
 
-    python benchmarks/scaling.py [--quick] [--out benchmarks/results/scaling.json]
+    python benchmarks/scaling/scaling.py [--quick] [--out <file>.json]
 
 For MTT (exact BPTT) and SATM (keep N/3, TR, first-order lr, smoothing) at N = 20, one outer
 step of ``TrajectoryMatching(..., shard=...)`` under ``SharpBilevelOptimizer(process_group=...)``:
 
-* per-rank peak of live saved-for-backward bytes (the meter of DESIGN.md section 10, from
-  ``trajectory_cost.py``), metered in a warm-up step; the single-process figure is the same
-  problem with no process group;
+* per-rank peak of live saved-for-backward bytes (the meter of DESIGN.md section 10, in
+  ``benchmarks/common/memory.py``), metered in a warm-up step; the single-process figure is the
+  same problem with no process group;
 * bytes all-reduced per outer step, counted by wrapping ``torch.distributed.all_reduce`` and
   checked against the analytic count (one ``P``-float all-reduce per inner step run forward and
   one per step with graph backward, plus a few scalars);
@@ -35,9 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trajectory_cost import build_net, saved_bytes_meter
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+from benchmarks.common.memory import saved_bytes_meter
+from benchmarks.step_cost.trajectory_cost import build_net
 from sharp_bilevel import SharpBilevelOptimizer, TrajectoryMatching, UnrollSettings
 from sharp_bilevel.trajectory.presets import satm_optimizer
 from sharp_bilevel.trajectory.sharded import Shard

@@ -1,0 +1,1 @@
+"""Cost of one outer step: time and saved bytes of MTT, SAM, SATM and the variants."""
