@@ -3,6 +3,7 @@ and its API page renders the optimizer's signature in a real browser."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -151,21 +152,28 @@ def test_site_builds_strictly_and_fetches_nothing_at_view_time(site: Path) -> No
 
 
 def test_the_site_typesets_maths_and_shows_no_raw_markup(site: Path) -> None:
-    raw = re.compile(r"\.\. math::|:(?:meth|func|class|mod|attr|data):`|\\\(|\\\[")
+    # a Sphinx role shows as `:meth:` before a backtick or, once Markdown has made the
+    # backticks code, before <code> (code's content is dropped below, its tag kept)
+    role = r":(?:meth|func|class|mod|attr|data|exc|obj):(?:`|<code|\s)"
+    raw = re.compile(rf"\.\. math::|{role}|\\\(|\\\[")
     for page in site.rglob("*.html"):
         text = page.read_text(errors="replace")
-        text = re.sub(r"<(pre|code)\b.*?</\1>", "", text, flags=re.S)  # code may show anything
+        text = re.sub(r"<pre\b.*?</pre>", "", text, flags=re.S)  # code may show anything
+        text = re.sub(r"<code\b.*?</code>", "<code>", text, flags=re.S)
         found = raw.search(text)
         assert found is None, f"{page.relative_to(site)} shows raw markup {found.group(0)!r}"
     for name in ("rules.html", "api/optimizer.html", "api/trajectory.html", "distributed.html"):
         assert (site / name).read_text().count("<math") >= 3, f"{name} has no typeset maths"
 
 
-def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_path: Path) -> None:
+def _chromium(tmp_path: Path, *extra: str) -> list[str]:
+    """Headless Chromium's command line at 1280 x 900 (skips the test without Chromium)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    flags = [
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    return [
+        browser,
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -174,19 +182,29 @@ def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_pa
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--user-data-dir={profile}",
         "--window-size=1280,900",
+        *extra,
     ]
+
+
+def _dom(tmp_path: Path, url: str, budget_ms: int = 0) -> str:
+    """The DOM Chromium holds after loading ``url`` (and ``budget_ms`` of virtual time)."""
+    extra = [f"--virtual-time-budget={budget_ms}"] if budget_ms else []
+    command = [*_chromium(tmp_path, *extra), "--dump-dom", url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300).stdout
+
+
+def test_api_page_renders_the_optimizer_signature_in_chromium(site: Path, tmp_path: Path) -> None:
     url = (site / "api" / "optimizer.html").as_uri()
-    dom = subprocess.run(
-        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=300
-    )
-    text = re.sub(r"<[^>]+>", "", dom.stdout)
+    text = re.sub(r"<[^>]+>", "", _dom(tmp_path, url))
     assert "SharpBilevelOptimizer(" in text
     for argument in ("base_optimizer", "perturbation", "rho", "smooth", "nonfinite"):
         assert argument in text
     shot = tmp_path / "api.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=300)
+    subprocess.run(
+        [*_chromium(tmp_path), f"--screenshot={shot}", url], capture_output=True, timeout=300
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -237,3 +255,163 @@ def test_the_changelog_opens_with_the_package_version() -> None:
     first = re.search(r"^## (\S+)", (DOCS / "changelog.md").read_text(), re.M)
     assert first is not None
     assert first.group(1) == version
+
+
+def _nav() -> list[object]:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    return list(config["nav"])
+
+
+def _nav_pages(entries: object) -> list[str]:
+    """Every page a nav (or part of one) names, in order."""
+    if isinstance(entries, str):
+        return [entries]
+    if isinstance(entries, dict):
+        return [p for value in entries.values() for p in _nav_pages(value)]
+    if isinstance(entries, list):
+        return [p for entry in entries for p in _nav_pages(entry)]
+    raise TypeError(entries)
+
+
+def _section(title: str) -> list[str]:
+    for entry in _nav():
+        if isinstance(entry, dict) and title in entry:
+            return _nav_pages(entry[title])
+    raise AssertionError(f"the nav has no section {title!r}")
+
+
+def test_the_nav_holds_every_page_once() -> None:
+    pages = _nav_pages(_nav())
+    assert len(pages) == len(set(pages)), "a page is listed twice"
+    on_disk = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
+    assert set(pages) == on_disk, set(pages) ^ on_disk
+
+
+def test_the_nav_groups_pages_by_family_with_a_runnable_examples_page() -> None:
+    """Each family of objectives has a section with its pages and an examples page whose code
+    the page test runs; the pages every family shares stay outside the family sections."""
+    trajectory = _section("Trajectory matching")
+    for page in ("swap/mtt.md", "swap/ftd.md", "swap/datm.md", "tuh-tr.md", "variants.md"):
+        assert page in trajectory
+    assert "lr-learning.md" in trajectory
+    families = [
+        entry
+        for entry in _nav()
+        if isinstance(entry, dict) and next(iter(entry)).endswith(" matching")
+    ]
+    assert families, "no family section"
+    for family in families:
+        examples = [p for p in _nav_pages(family) if p.startswith("examples/")]
+        assert examples, f"{next(iter(family))} has no examples page"
+        for page in examples:
+            assert python_blocks(DOCS / page), f"{page} has no python block to run"
+    general = set(_nav_pages(_nav())) - {p for f in families for p in _nav_pages(f)}
+    for page in (
+        "install.md",
+        "rules.md",
+        "mixed-precision.md",
+        "checkpointing.md",
+        "cli.md",
+        "distributed.md",
+        "troubleshooting.md",
+    ):
+        assert page in general, page
+
+
+def test_the_site_shows_the_package_version(site: Path) -> None:
+    import sharp_bilevel
+
+    version = sharp_bilevel.__version__
+    header = re.search(
+        r'<span class="md-ellipsis">\s*([^<]+?)\s*</span>', (site / "index.html").read_text()
+    )
+    assert header is not None
+    assert header.group(1) == f"sharp_bilevel {version}"
+    for name in ("index.html", "install.html", "api/optimizer.html"):
+        assert f"sharp_bilevel {version}" in (site / name).read_text(), name
+    assert "<!-- package-version -->" not in (site / "install.html").read_text()
+
+
+def test_the_home_page_and_the_rules_page_list_every_registered_rule(site: Path) -> None:
+    from sharp_bilevel import available_perturbations
+
+    home = (site / "index.html").read_text()
+    table = home[home.index('id="the-rules"') :]
+    table = table[: table.index("</table>")]
+    shown = re.findall(r"<tr>\s*<td><code>([^<]+)</code></td>", table)
+    assert sorted(shown) == available_perturbations()
+    rules = (DOCS / "rules.md").read_text()
+    for table_header in ("| rule (aliases) | ascent", "| rule | hyperparameters"):
+        block = rules[rules.index(table_header) :].split("\n\n")[0]
+        names = re.findall(r"^\| `([^`]+)`", block, re.M)
+        assert sorted(names) == available_perturbations(), table_header
+
+
+def test_search_works_on_the_site_opened_from_disk(site: Path, tmp_path: Path) -> None:
+    """Material's offline plugin inlines the index; our polyfill runs the search worker on
+    file:// pages (browsers refuse a real worker there and the theme then hides the box)."""
+    index = (site / "search" / "search_index.js").read_text()
+    assert index.startswith("var __index = {")
+    for page in site.rglob("*.html"):
+        text = page.read_text()
+        assert re.search(r'<script src="/?(\.\./)*assets/javascripts/iframe-worker\.js">', text), (
+            page
+        )
+        assert "unpkg.com" not in text, page
+    dom = _dom(tmp_path, (site / "index.html").as_uri() + "?q=sharpness", budget_ms=10000)
+    search = re.search(r'<div class="md-search"[^>]*>', dom)
+    assert search is not None
+    assert "hidden" not in search.group(0), "the search box is hidden"
+    found = re.search(r'md-search-result__meta">(\d+) matching documents', dom)
+    assert found is not None, "the search found nothing"
+    assert int(found.group(1)) >= 5
+    assert dom.count("md-search-result__link") >= 5
+
+
+# a table is cut off when it scrolls inside itself or ends right of its scrolling wrapper
+_OVERFLOW_PROBE = """<script>
+addEventListener("load", () => {
+  const cut = [...document.querySelectorAll(".md-content table")]
+    .filter((t) => {
+      const wrap = t.closest(".md-typeset__scrollwrap") || t;
+      const right = (box) => box.getBoundingClientRect().right;
+      return t.scrollWidth > t.clientWidth + 1 || right(t) > right(wrap) + 1;
+    })
+    .map((t) => (t.querySelector("th") || t).textContent.trim().slice(0, 40));
+  const out = document.createElement("pre");
+  out.id = "overflow-probe";
+  out.textContent = JSON.stringify(cut);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+# the pages with the widest tables: maths (rules), registry and install tables, eight numeric
+# columns (benchmarks), mkdocstrings' parameter tables (the optimizer's API entry)
+WIDE_TABLE_PAGES = [
+    "index.html",
+    "rules.html",
+    "install.html",
+    "troubleshooting.html",
+    "benchmarks.html",
+    "api/optimizer.html",
+]
+
+
+@pytest.mark.parametrize("name", WIDE_TABLE_PAGES)
+def test_tables_fit_the_page_at_1280_pixels(site: Path, tmp_path: Path, name: str) -> None:
+    """No table of these pages is wider than its column (nothing cut off or scrolled)."""
+    import json
+
+    page = site / name
+    probe = page.with_name(f"probe-{page.name}")  # beside the page: its relative links hold
+    probe.write_text(page.read_text().replace("</body>", _OVERFLOW_PROBE + "</body>"))
+    try:
+        dom = _dom(tmp_path, probe.as_uri(), budget_ms=3000)
+    finally:
+        probe.unlink()
+    found = re.search(r'<pre id="overflow-probe">(.*?)</pre>', dom)
+    assert found is not None, "the probe did not run"
+    assert json.loads(html.unescape(found.group(1))) == [], f"{name}: tables wider than the page"

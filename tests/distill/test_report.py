@@ -60,3 +60,53 @@ def test_accuracy_chart_and_curves_with_syn_lr(tmp_path: Path) -> None:
     curves = save_curves({"a": {"loss": [1.0], "syn_lr": [0.01, 0.009]}}, tmp_path / "c.png")
     for path in (chart, curves):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The matplotlib figures the report functions save, kept for inspection."""
+    from matplotlib.figure import Figure
+
+    saved: list[object] = []
+    original = Figure.savefig
+
+    def keep(self: Figure, *args: object, **kwargs: object) -> None:
+        saved.append(self)
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return saved
+
+
+def _texts(figure: object) -> str:
+    """Every piece of text drawn on a figure: figure texts, suptitle, axes titles and labels."""
+    from matplotlib.text import Text
+
+    return "\n".join(t.get_text() for t in figure.findobj(Text))  # type: ignore[attr-defined]
+
+
+def test_the_charts_name_their_data_set_and_ipc_when_given_a_title(
+    tmp_path: Path, saved_figures: list[object]
+) -> None:
+    from sharp_bilevel.distill.report import save_accuracy_chart
+
+    accuracy = {"random real": {"ConvNet": (0.5, 0.0)}, "mtt-sam": {"ConvNet": (0.6, 0.01)}}
+    save_accuracy_chart(accuracy, tmp_path / "a.png", title="digits, IPC 10")
+    save_curves({"a": {"loss": [1.0, 0.5]}}, tmp_path / "c.png", title="cifar10, IPC 50")
+    save_accuracy_chart(accuracy, tmp_path / "b.png")  # no title: no stray text
+    chart, curves, untitled = (_texts(f) for f in saved_figures)
+    assert "digits, IPC 10" in chart
+    assert "cifar10, IPC 50" in curves
+    assert "IPC" not in untitled
+    assert "distilled sets" in untitled  # the chart still says what the bars are
+
+
+def test_the_curves_say_a_smaller_gradient_norm_comes_from_fewer_steps_not_flatness(
+    tmp_path: Path, saved_figures: list[object]
+) -> None:
+    save_curves({"mtt-satm": {"grad_norm": [0.3, 0.2]}}, tmp_path / "c.png")
+    (figure,) = saved_figures
+    note = " ".join(t.get_text() for t in figure.texts)  # type: ignore[attr-defined]
+    assert "hypergradient norm" in note
+    assert "fewer inner steps" in note
+    assert "not because they are flatter" in note

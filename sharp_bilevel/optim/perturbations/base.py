@@ -84,7 +84,7 @@ class PerturbationRule:
         """Whether this step evaluates the objective at ``phi + eps`` (True by default).
 
         A rule that answers False on some steps (LookSAM between its ``k``-steps) makes those
-        steps cost one closure call; the optimizer then calls :meth:`reuse` instead of
+        steps cost one closure call; the optimizer then calls ``reuse`` instead of
         ``ascent``/``descent``.
         """
         return True
