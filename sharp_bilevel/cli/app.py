@@ -396,12 +396,12 @@ def _run(args: argparse.Namespace) -> int:
     save_curves(
         {label: r.history for label, r in results.items()},
         out / "curves.png",
-        # TODO(merge): title=f"{args.dataset}, IPC {args.ipc}" once save_curves takes title=
+        title=f"{args.dataset}, IPC {args.ipc}",
     )
     save_accuracy_chart(
         {k: {a: (r.mean, r.std) for a, r in v.items()} for k, v in evaluations.items()},
         out / "accuracy.png",
-        # TODO(merge): title=f"{args.dataset}, IPC {args.ipc}" once the chart takes title=
+        title=f"{args.dataset}, IPC {args.ipc}",
     )
     header = "".join(f"{arch:>18}" for arch in _csv(args.eval_models))
     print(f"\ntest accuracy % (mean ± std over seeds {args.eval_seeds})\n{'':<22}{header}")

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,19 +38,39 @@ class Run:
     report: dict  # type: ignore[type-arg]
     began: datetime.datetime
     ended: datetime.datetime
+    chart_titles: dict[str, object]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     out = tmp_path_factory.mktemp("cli") / "run"
     began = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    titles: dict[str, object] = {}
+
+    def recording(name: str, chart: Callable[..., Path]) -> Callable[..., Path]:
+        def draw(*args: object, **kwargs: object) -> Path:
+            titles[name] = kwargs.get("title")
+            return chart(*args, **kwargs)
+
+        return draw
+
     previous = os.umask(UMASK)
     try:
-        assert cli.main([*ARGS, "--out", str(out)]) == 0
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("save_curves", "save_accuracy_chart"):
+                mp.setattr(cli, name, recording(name, getattr(cli, name)))
+            assert cli.main([*ARGS, "--out", str(out)]) == 0
     finally:
         os.umask(previous)
     ended = datetime.datetime.now(datetime.UTC)
-    return Run(out, json.loads((out / "report.json").read_text()), began, ended)
+    return Run(out, json.loads((out / "report.json").read_text()), began, ended, titles)
+
+
+def test_the_charts_name_the_data_set_and_the_ipc(run: Run) -> None:
+    """accuracy.png and curves.png say what was distilled (issue 21, point 14)."""
+    ipc, dataset = run.report["settings"]["ipc"], run.report["settings"]["dataset"]
+    expected = f"{dataset}, IPC {ipc}"
+    assert run.chart_titles == {"save_curves": expected, "save_accuracy_chart": expected}
 
 
 def test_report_records_version_and_utc_time(run: Run) -> None:
