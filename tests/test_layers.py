@@ -84,3 +84,84 @@ def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
         fake.unlink()
     assert "sharp_bilevel.distill" in found
     assert _floor("sharp_bilevel.distill.pipeline") == 3.0
+
+
+def _import_graph(sources: list[Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its source (top level, inside
+    functions, under ``if TYPE_CHECKING:``): an imported name maps to the longest prefix that is
+    a module (``from .data import ImageDataset`` is an edge to ``...data``)."""
+    modules = {_module(p)[0]: p for p in sources}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for target in _imports(path):
+            parts = target.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            if parts and ".".join(parts) != name:
+                edges.add(".".join(parts))
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """No import circle, counting function-level and TYPE_CHECKING imports (issue 21): each
+    shared piece has one home below the modules that use it. Package ``__init__`` files only
+    re-export, so edges into a package root are left out (importing a submodule runs its
+    package's ``__init__``, which is no dependency of the submodule's code)."""
+    graph = _import_graph(SOURCES)
+    packages = {_module(p)[0] for p in SOURCES if _module(p)[1]}
+    graph = {m: {t for t in ts if t not in packages} for m, ts in graph.items()}
+    assert _cycles(graph) == [], f"modules that import each other: {_cycles(graph)}"
+
+
+def test_the_cycle_check_finds_a_circle_through_a_function_level_import(tmp_path: Path) -> None:
+    """Two probe modules, one importing the other at top level and the other back inside a
+    function under TYPE_CHECKING-like indirection, are reported as one circle."""
+    a, b = (
+        ROOT / "sharp_bilevel" / "optim" / "_probe_a.py",
+        ROOT / "sharp_bilevel" / "optim" / "_probe_b.py",
+    )
+    a.write_text("from ._probe_b import f\n")
+    b.write_text("def f():\n    from ._probe_a import f as g\n    return g\n")
+    try:
+        graph = _import_graph([*SOURCES, a, b])
+    finally:
+        a.unlink()
+        b.unlink()
+    assert ["sharp_bilevel.optim._probe_a", "sharp_bilevel.optim._probe_b"] in _cycles(graph)

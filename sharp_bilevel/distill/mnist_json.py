@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import DatasetSplit, ImageDataset, _finish, _limit
+from .datasets.containers import DatasetSplit, ImageDataset, _finish, _limit
 
 SIZE = 28
 _MEMBER = "src/digits/{}.json"

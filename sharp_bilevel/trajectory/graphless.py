@@ -5,8 +5,6 @@ checkpointed exact BPTT (`sharp_bilevel.trajectory.tesla`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -14,15 +12,13 @@ from ..optim.context import StepContext
 from .checkpointed import checkpointed_backward, segment_starts
 from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import PlainSGD
+from .matching_state import MatchingState
 from .reuse import accumulate, assign_lr_grad, record_restart, restart_point, with_before
 from .tesla import tesla_backward, tesla_forward
 from .unroll import _InnerProblem, matching_loss
 
-if TYPE_CHECKING:
-    from .matching import TrajectoryMatching
 
-
-def _refuse(tm: TrajectoryMatching, mode: str, closest_to: Tensor | None, att: bool) -> None:
+def _refuse(tm: MatchingState, mode: str, closest_to: Tensor | None, att: bool) -> None:
     """The settings these passes cannot run, each named."""
     if tm.inner is not None and not isinstance(tm.inner, PlainSGD):
         raise ValueError(
@@ -35,7 +31,7 @@ def _refuse(tm: TrajectoryMatching, mode: str, closest_to: Tensor | None, att: b
         raise ValueError(f"hypergradient={mode!r} does not support match_step='closest' yet")
 
 
-def _problem(tm: TrajectoryMatching, images: Tensor, labels: Tensor) -> _InnerProblem:
+def _problem(tm: MatchingState, images: Tensor, labels: Tensor) -> _InnerProblem:
     """The inner problem of one pass (compiled steps when ``compile_inner``)."""
     return _InnerProblem(
         tm.student,
@@ -50,9 +46,7 @@ def _problem(tm: TrajectoryMatching, images: Tensor, labels: Tensor) -> _InnerPr
     )
 
 
-def _cotangent(
-    tm: TrajectoryMatching, ctx: StepContext | None, point: Tensor
-) -> tuple[Tensor, Tensor]:
+def _cotangent(tm: MatchingState, ctx: StepContext | None, point: Tensor) -> tuple[Tensor, Tensor]:
     """``(L, dL/dw)`` at the matched weights ``point`` (the gradient of the scaled loss)."""
     with torch.enable_grad():
         leaf = point.detach().requires_grad_(True)
@@ -62,7 +56,7 @@ def _cotangent(
 
 
 def tesla_pass(
-    tm: TrajectoryMatching,
+    tm: MatchingState,
     ctx: StepContext | None,
     iota: int,
     tau: int | None,
@@ -102,7 +96,7 @@ def tesla_pass(
 
 
 def checkpointed_pass(
-    tm: TrajectoryMatching,
+    tm: MatchingState,
     ctx: StepContext | None,
     settings: UnrollSettings,
     iota: int,
