@@ -12,6 +12,7 @@ from .compiled import compiled_inner_gradient
 from .graphless import checkpointed_pass, tesla_pass
 from .hypergradient import UnrollSettings, first_order_lr_grad
 from .inner import InnerOptimizer
+from .labels import check_labels, output_width
 from .reuse import accumulate, assign_lr_grad, record_restart, restart_point, with_before
 from .selection import ParameterSelection
 from .sharded import Shard
@@ -84,6 +85,9 @@ class TrajectoryMatching:
             the checkpointed forward passes) through ``torch.compile``
             (`sharp_bilevel.trajectory.compiled`), compiled once per network and batch shape;
             False (default): eager.
+        num_classes: classes the network predicts, to check ``0 <= labels < num_classes`` up
+            front; None reads the ``out_features`` of the network's last ``nn.Linear`` (only
+            ``labels >= 0`` is checked when it has none).
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class TrajectoryMatching:
         fixed_labels: Tensor | None = None,
         autocast: torch.dtype | str | None = None,
         compile_inner: bool = False,
+        num_classes: int | None = None,
     ) -> None:
         self.student = as_student(student)
         self.autocast = autocast_dtype(autocast)
@@ -133,16 +138,24 @@ class TrajectoryMatching:
         n = images.shape[0]
         if shard is not None and shard.count != n:
             raise ValueError(f"images has {n} rows but the shard owns {shard.count}")
+        if isinstance(syn_steps, bool) or not isinstance(syn_steps, int) or syn_steps < 1:
+            raise ValueError(f"syn_steps must be an integer >= 1 (inner steps), got {syn_steps!r}")
+        if num_classes is None:
+            num_classes = output_width(self.student)
+        elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
         expected = (n, labels.shape[-1]) if soft_labels else (n,)
         if tuple(labels.shape) != expected or (labels.dim() != (2 if soft_labels else 1)):
             kind = "logits [n, classes]" if soft_labels else "hard labels [n]"
             raise ValueError(f"labels must be {kind} with n={n}, got shape {tuple(labels.shape)}")
+        check_labels("labels", labels, soft_labels, num_classes)
         if fixed_images is not None and fixed_labels is not None:
             if tuple(fixed_images.shape[1:]) != tuple(images.shape[1:]):
                 raise ValueError(
                     f"fixed_images must be [m, {', '.join(map(str, images.shape[1:]))}] like the "
                     f"learnable images, got shape {tuple(fixed_images.shape)}"
                 )
+            check_labels("fixed_labels", fixed_labels, soft_labels, num_classes)
             m = fixed_images.shape[0]
             want = (m, labels.shape[-1]) if soft_labels else (m,)
             if tuple(fixed_labels.shape) != want:
@@ -166,8 +179,18 @@ class TrajectoryMatching:
         self._generator = generator
         self._window_draw: float | None = None
         pool = n if fixed_images is None else n + fixed_images.shape[0]
+        pool = pool if shard is None else shard.total
+        if batch_syn is not None and (
+            isinstance(batch_syn, bool)
+            or not isinstance(batch_syn, int)
+            or not 1 <= batch_syn <= pool
+        ):
+            raise ValueError(
+                f"batch_syn must be an integer in [1, {pool}] (the synthetic set has {pool} "
+                f"samples) or None for all of them, got {batch_syn!r}"
+            )
         self.plan = StepPlan.mtt(
-            pool if shard is None else shard.total,
+            pool,
             syn_steps,
             batch_syn,
             generator=generator,

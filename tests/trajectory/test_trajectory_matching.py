@@ -320,7 +320,7 @@ def test_bad_inputs_name_the_argument() -> None:
             expert_target=problem.target,
             syn_steps=2,
         )
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=rf"batch_syn must be an integer in \[1, {N_SYN}\]"):
         TrajectoryMatching(
             problem.net,
             problem.images,
@@ -347,6 +347,79 @@ def test_bad_inputs_name_the_argument() -> None:
         UnrollSettings(keep=0)
     with pytest.raises(ValueError, match="lr_gradient"):
         UnrollSettings(lr_gradient="second")
+
+
+def _objective(problem: Problem, labels: Tensor, **options: Any) -> TrajectoryMatching:
+    return TrajectoryMatching(
+        problem.net,
+        problem.images,
+        problem.syn_lr,
+        labels,
+        expert_start=problem.start,
+        expert_target=problem.target,
+        **{"syn_steps": 2, **options},
+    )
+
+
+def test_float_or_out_of_range_labels_are_refused_up_front_naming_the_argument() -> None:
+    """Before: a float label reached ``cross_entropy`` inside the unroll, an index >= classes
+    an IndexError there; now the constructor names the argument and the allowed values."""
+    problem = Problem(0, dsa=False)
+    hard = problem.labels
+    with pytest.raises(ValueError, match=r"^labels must be integer class indices.*float64"):
+        _objective(problem, hard.double())
+    with pytest.raises(ValueError, match=r"^labels must be integer class indices.*torch\.bool"):
+        _objective(problem, hard == 0)
+    too_big = hard.clone()
+    too_big[1] = CLASSES
+    with pytest.raises(
+        ValueError,
+        match=rf"^labels must be class indices in \[0, num_classes="
+        rf"{CLASSES}\), found values in \[0, {CLASSES}\]",
+    ):
+        _objective(problem, too_big)
+    with pytest.raises(
+        ValueError, match=rf"^labels must be class indices in \[0, num_classes={CLASSES - 1}\)"
+    ):
+        _objective(problem, hard, num_classes=CLASSES - 1)  # the user's count overrides the head's
+    negative = hard.clone()
+    negative[0] = -1
+    with pytest.raises(ValueError, match=r"^labels must be class indices in \[0"):
+        _objective(problem, negative)
+    with pytest.raises(ValueError, match=r"^labels must be float label logits"):
+        _objective(problem, torch.zeros(N_SYN, CLASSES, dtype=torch.long), soft_labels=True)
+    with pytest.raises(ValueError, match=rf"^labels has {CLASSES + 1} logits.*num_classes="):
+        _objective(problem, torch.zeros(N_SYN, CLASSES + 1), soft_labels=True)
+    fixed = {"fixed_images": problem.images[:2].detach()}
+    with pytest.raises(ValueError, match=r"^fixed_labels must be integer class indices"):
+        _objective(problem, hard, **fixed, fixed_labels=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^fixed_labels must be class indices"):
+        _objective(problem, hard, **fixed, fixed_labels=torch.tensor([0, CLASSES]))
+    # The accepted forms still build (int32 labels, and the exact range ends).
+    _objective(problem, hard.to(torch.int32))
+    edges = hard.clone()
+    edges[0], edges[1] = 0, CLASSES - 1
+    _objective(problem, edges)
+
+
+def test_syn_steps_and_batch_syn_are_named_as_the_user_passed_them() -> None:
+    """Before: ``syn_steps=0`` was reported as ``num_steps`` and a too-large ``batch_syn`` as
+    ``batch_size`` (the step plan's names)."""
+    problem = Problem(0, dsa=False)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^syn_steps must be an integer >= 1.*{bad!r}"):
+            _objective(problem, problem.labels, syn_steps=bad)
+    for bad in (0, N_SYN + 1, 2.0):
+        with pytest.raises(
+            ValueError,
+            match=rf"^batch_syn must be an integer in \[1, {N_SYN}\] \(the synthetic set has "
+            rf"{N_SYN} samples\).*got {bad!r}",
+        ):
+            _objective(problem, problem.labels, batch_syn=bad)
+    fixed = {"fixed_images": problem.images[:2].detach(), "fixed_labels": problem.labels[:2]}
+    with pytest.raises(ValueError, match=rf"batch_syn must be an integer in \[1, {N_SYN + 2}\]"):
+        _objective(problem, problem.labels, batch_syn=N_SYN + 3, **fixed)
+    assert _objective(problem, problem.labels, batch_syn=N_SYN + 2, **fixed).plan.num_steps == 2
 
 
 def test_experts_that_do_not_move_name_the_likely_cause() -> None:
