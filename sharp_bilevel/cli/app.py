@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..distill.checkpoint import (
+    CheckpointDisagreementError,
     UnreadableFileError,
     remove_stale_temporaries,
     save_synthetic,
@@ -482,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as err:
         parser.error(f"argument {flag_for(err.argument)}: {err.detail}")
-    except (ExpertFolderError, _Refused) as err:
+    except (ExpertFolderError, _Refused, CheckpointDisagreementError, UnreadableFileError) as err:
         parser.error(str(err))
     except NonFiniteError as err:
         if os.environ.get("RANK", "0") == "0":
