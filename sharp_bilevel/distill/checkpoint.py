@@ -9,6 +9,11 @@
   payload, a foreign object) is refused with a ``ValueError`` and nothing in it runs. Every
   file sharp_bilevel reads goes through it: checkpoints, ``synthetic.pt``, replay buffers,
   ZCA states.
+* Checking: `validate_checkpoint` checks a loaded distillation checkpoint field by field
+  (`CheckpointContentError` names the file and the field), before anything is restored.
+* Agreeing: `agree_on_checkpoint` makes the ranks of a process group compare what each read
+  (one all-gather of a hash per rank) so that a missing, older or different copy on one rank
+  stops every rank at once with `CheckpointDisagreementError`, instead of a hang.
 """
 
 from __future__ import annotations
@@ -295,7 +300,9 @@ def validate_checkpoint(saved: Any, path: str | Path) -> dict[str, Any]:
         raise bad("history", f"must be a dict of lists, got {_describe(history)}")
     for key, values in history.items():
         if not isinstance(values, list) or len(values) != iteration:
-            raise bad(f"history.{key}", f"must be a list of {iteration} numbers (one per iteration)")
+            raise bad(
+                f"history.{key}", f"must be a list of {iteration} numbers (one per iteration)"
+            )
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             raise bad(f"history.{key}", "must hold numbers only")
     _validate_diagnostics(saved["diagnostics"], bad)
@@ -312,7 +319,9 @@ def _validate_optimizer(
         raise bad("optimizer", f"must be an optimizer state dict, got {_describe(state)}")
     for key, kind in (("state", dict), ("param_groups", list), ("sharp_bilevel", dict)):
         if not isinstance(state.get(key), kind):
-            raise bad(f"optimizer.{key}", f"must be a {kind.__name__}, got {_describe(state.get(key))}")
+            raise bad(
+                f"optimizer.{key}", f"must be a {kind.__name__}, got {_describe(state.get(key))}"
+            )
     for index, param in enumerate(params):
         entry = state["state"].get(index)
         buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
@@ -363,7 +372,9 @@ class CheckpointDisagreementError(ValueError):
         )
 
 
-def _reading(path: Path, load: Callable[[Path], Any]) -> tuple[dict[str, Any], Any, BaseException | None]:
+def _reading(
+    path: Path, load: Callable[[Path], Any]
+) -> tuple[dict[str, Any], Any, BaseException | None]:
     """What this rank read at ``path``: a short record to compare, ``load``'s result, its error."""
     if not path.exists():
         return {"found": False, "iteration": None, "sha256": None, "error": None}, None, None
@@ -427,7 +438,7 @@ def agree_on_checkpoint(
     path = Path(path)
     record, result, error = _reading(path, load)
     if process_group is None or dist.get_world_size(group=process_group) == 1:
-        every = [record]
+        every: list[Any] = [record]
     else:
         every = [None] * dist.get_world_size(group=process_group)
         dist.all_gather_object(every, record, group=process_group)
@@ -435,7 +446,7 @@ def agree_on_checkpoint(
         if error is not None:
             raise error
         return result
-    records: list[dict[str, Any]] = every  # type: ignore[assignment]
+    records: list[dict[str, Any]] = every
     readings = {rank: _say(r, records[0]) for rank, r in enumerate(records)}
     groups: list[list[int]] = []
     for rank, r in enumerate(records):

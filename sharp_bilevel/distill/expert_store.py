@@ -148,13 +148,17 @@ def _parse_manifest(path: Path, data: Any) -> ExpertManifest:
             raise _manifest_error(path, f"files[{i}]", "must be an object")
         name, count, sha = f.get("name"), f.get("experts"), f.get("sha256")
         if not isinstance(name, str) or name in names:
-            raise _manifest_error(path, f"files[{i}].name", f"must be a new file name, got {name!r}")
+            raise _manifest_error(
+                path, f"files[{i}].name", f"must be a new file name, got {name!r}"
+            )
         try:
             listed_path(path.parent, name)
         except ExpertFolderError as err:
             raise _manifest_error(path, f"files[{i}].name", str(err)) from None
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise _manifest_error(path, f"files[{i}].experts", f"must be an int >= 1, got {count!r}")
+            raise _manifest_error(
+                path, f"files[{i}].experts", f"must be an int >= 1, got {count!r}"
+            )
         if not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
             raise _manifest_error(
                 path, f"files[{i}].sha256", f"must be 64 lowercase hex digits, got {sha!r}"
@@ -164,7 +168,9 @@ def _parse_manifest(path: Path, data: Any) -> ExpertManifest:
     total = sum(f.experts for f in files)
     if "num_experts" in data and data["num_experts"] != total:
         raise _manifest_error(
-            path, "num_experts", f"must be {total} (the files' experts), got {data['num_experts']!r}"
+            path,
+            "num_experts",
+            f"must be {total} (the files' experts), got {data['num_experts']!r}",
         )
     return ExpertManifest(data["settings"], tuple(files))
 
@@ -184,7 +190,9 @@ def read_manifest(folder: str | Path) -> ExpertManifest | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExpertFolderError(f"{path} is not a readable expert manifest: not JSON ({err})") from None
+        raise ExpertFolderError(
+            f"{path} is not a readable expert manifest: not JSON ({err})"
+        ) from None
     return _parse_manifest(path, data)
 
 

@@ -210,6 +210,15 @@ def _check_resumable(
         )
 
 
+def _restore(path: Any, field: str, load: Callable[[Any], None], state: Any) -> None:
+    """``load(state)``, any failure reported as the checkpoint field it came from."""
+    try:
+        load(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        message = f"cannot be restored ({type(err).__name__}: {err})"
+        raise CheckpointContentError(path, field, message) from err
+
+
 def _check_shapes(saved: dict[str, Any], path: Any, shapes: dict[str, torch.Size]) -> None:
     """The checkpoint's images and labels must have this run's whole shapes."""
     for key, shape in shapes.items():
@@ -373,16 +382,9 @@ def distill(
             images.copy_(saved["images"])
             syn_lr.copy_(saved["syn_lr"].reshape(()))
             labels.copy_(saved["labels"])
-        for field, restore in (
-            ("optimizer", lambda: optimizer.load_state_dict(optimizer_state)),
-            ("ema", lambda: None if ema is None else ema.load_state_dict(ema_state)),
-        ):
-            try:
-                restore()
-            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
-                raise CheckpointContentError(
-                    path, field, f"cannot be restored ({type(err).__name__}: {err})"
-                ) from err
+        _restore(path, "optimizer", optimizer.load_state_dict, optimizer_state)
+        if ema is not None:
+            _restore(path, "ema", ema.load_state_dict, ema_state)
         generator.set_state(saved["generator"])
         history = saved["history"]
         diagnostics = RunDiagnostics(**saved["diagnostics"])
