@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..distill.checkpoint import (
+    CheckpointDisagreementError,
     UnreadableFileError,
     remove_stale_temporaries,
     save_synthetic,
@@ -279,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"cannot resume {err.path}: it was written with {said}; {_NEW_RUN}")
     except ConfigError as err:
         parser.error(f"argument {flag_for(err.argument)}: {err.detail}")
-    except (ExpertFolderError, _Refused) as err:
+    except (ExpertFolderError, _Refused, CheckpointDisagreementError, UnreadableFileError) as err:
         parser.error(str(err))
     except NonFiniteError as err:
         if os.environ.get("RANK", "0") == "0":

@@ -19,10 +19,11 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .checkpoint import atomic_write_text
+from .checkpoint import file_sha256 as file_sha256  # its home before 0.x: kept importable
 from .experts import Expert, load_buffer_file, save_buffers
 from .validation import ConfigError
 
@@ -96,34 +97,103 @@ class ExpertManifest:
         }
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _manifest_error(path: Path, field: str, detail: str) -> ExpertFolderError:
+    return ExpertFolderError(f"{path} is not a readable expert manifest: field {field!r} {detail}")
+
+
+def listed_path(folder: str | Path, name: str) -> Path:
+    """``folder / name`` for a file a manifest lists, refused unless it stays inside ``folder``.
+
+    ``name`` must be a relative path without ``..`` (neither absolute, nor with a drive), and
+    the resolved path (symbolic links followed) must lie inside the resolved ``folder``.
+
+    Raises:
+        ExpertFolderError: the path leaves the folder.
+    """
+    folder = Path(folder)
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (
+        not name
+        or PurePosixPath(name).is_absolute()
+        or PureWindowsPath(name).is_absolute()
+        or PureWindowsPath(name).drive
+        or ".." in parts
+    ):
+        raise ExpertFolderError(
+            f"{name!r} is not a plain relative path inside {folder} (absolute paths and '..' "
+            "are refused)"
+        )
+    target = (folder / name).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise ExpertFolderError(
+            f"{name!r} resolves to {target}, outside {folder} (a symbolic link?): refused"
+        )
+    return folder / name
+
+
+def _parse_manifest(path: Path, data: Any) -> ExpertManifest:
+    """Check a manifest's JSON field by field (`ExpertFolderError` naming the first bad one)."""
+    if not isinstance(data, dict):
+        raise _manifest_error(path, "(top level)", f"must be an object, got {type(data).__name__}")
+    if data.get("version") != _VERSION:
+        raise _manifest_error(path, "version", f"must be {_VERSION}, got {data.get('version')!r}")
+    if not isinstance(data.get("settings"), dict):
+        raise _manifest_error(path, "settings", "must be an object of settings")
+    listed = data.get("files")
+    if not isinstance(listed, list):
+        raise _manifest_error(path, "files", f"must be a list, got {type(listed).__name__}")
+    files, names = [], set()
+    for i, f in enumerate(listed):
+        if not isinstance(f, dict):
+            raise _manifest_error(path, f"files[{i}]", "must be an object")
+        name, count, sha = f.get("name"), f.get("experts"), f.get("sha256")
+        if not isinstance(name, str) or name in names:
+            raise _manifest_error(
+                path, f"files[{i}].name", f"must be a new file name, got {name!r}"
+            )
+        try:
+            listed_path(path.parent, name)
+        except ExpertFolderError as err:
+            raise _manifest_error(path, f"files[{i}].name", str(err)) from None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise _manifest_error(
+                path, f"files[{i}].experts", f"must be an int >= 1, got {count!r}"
+            )
+        if not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
+            raise _manifest_error(
+                path, f"files[{i}].sha256", f"must be 64 lowercase hex digits, got {sha!r}"
+            )
+        names.add(name)
+        files.append(BufferFile(name, count, sha))
+    total = sum(f.experts for f in files)
+    if "num_experts" in data and data["num_experts"] != total:
+        raise _manifest_error(
+            path,
+            "num_experts",
+            f"must be {total} (the files' experts), got {data['num_experts']!r}",
+        )
+    return ExpertManifest(data["settings"], tuple(files))
 
 
 def read_manifest(folder: str | Path) -> ExpertManifest | None:
     """The folder's manifest, or None when it has none.
 
+    Every field is checked, and every listed file must stay inside the folder (`listed_path`).
+
     Raises:
-        ValueError: the manifest is not valid JSON of the expected form.
+        ExpertFolderError: (a ``ValueError``) not valid JSON, or a field of the wrong form
+            (named in the message with the file).
     """
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-        files = tuple(
-            BufferFile(str(f["name"]), int(f["experts"]), str(f["sha256"])) for f in data["files"]
-        )
-        if data.get("version") != _VERSION or not isinstance(data["settings"], dict):
-            raise ValueError(f"unknown version {data.get('version')!r}")
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a readable expert manifest: {err}") from err
-    return ExpertManifest(data["settings"], files)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExpertFolderError(
+            f"{path} is not a readable expert manifest: not JSON ({err})"
+        ) from None
+    return _parse_manifest(path, data)
 
 
 def write_manifest(folder: str | Path, manifest: ExpertManifest) -> Path:
@@ -147,7 +217,7 @@ def clear_experts(folder: str | Path) -> None:
 def _load_listed(folder: Path, manifest: ExpertManifest) -> list[Expert]:
     experts: list[Expert] = []
     for f in manifest.files:
-        path = folder / f.name
+        path = listed_path(folder, f.name)
         if not path.is_file():
             raise ExpertFolderError(f"{path} is listed in {folder / MANIFEST_NAME} but missing")
         if file_sha256(path) != f.sha256:

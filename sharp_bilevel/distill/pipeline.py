@@ -31,7 +31,14 @@ from ..trajectory.augment import DSA
 from ..trajectory.matching import TrajectoryMatching
 from ..trajectory.sharded import Shard, check_shardable
 from ..trajectory.student import FunctionalStudent
-from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries
+from .checkpoint import (
+    CheckpointContentError,
+    agree_on_checkpoint,
+    atomic_save,
+    load_checkpoint,
+    remove_stale_temporaries,
+    validate_checkpoint,
+)
 from .config import METHODS, RESUMABLE_CHANGES, DistillConfig
 from .data import class_balanced_indices
 from .diagnostics import LR_FLOOR, DistillationWarning, RunDiagnostics
@@ -176,12 +183,14 @@ def check_checkpoint(
     Raises:
         ResumeError: it was written with other settings or experts (each one is named).
         ConfigError: it is further along than ``config.iterations``.
+        CheckpointContentError: a field is missing or impossible (`validate_checkpoint`; the
+            file and the field are named).
         ValueError: it is not a readable checkpoint.
     """
     path = Path(path)
     if not path.exists():
         return None
-    saved: dict[str, Any] = load_checkpoint(path)
+    saved = validate_checkpoint(load_checkpoint(path), path)
     _check_resumable(saved, config, experts_id, path)
     return saved
 
@@ -207,6 +216,27 @@ def _check_resumable(
             f"must be at least {saved['iteration']} to resume {path}, which is at that "
             f"iteration (raise it to extend the run), got {config.iterations}",
         )
+
+
+def _restore(path: Any, field: str, load: Callable[[Any], None], state: Any) -> None:
+    """``load(state)``, any failure reported as the checkpoint field it came from."""
+    try:
+        load(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        message = f"cannot be restored ({type(err).__name__}: {err})"
+        raise CheckpointContentError(path, field, message) from err
+
+
+def _check_shapes(saved: dict[str, Any], path: Any, shapes: dict[str, torch.Size]) -> None:
+    """The checkpoint's images and labels must have this run's whole shapes."""
+    for key, shape in shapes.items():
+        if saved[key].shape != shape:
+            raise CheckpointContentError(
+                path,
+                key,
+                f"must have this run's shape {tuple(shape)}, got {tuple(saved[key].shape)} "
+                "(written for other data, ipc or method?)",
+            )
 
 
 def distill(
@@ -257,6 +287,17 @@ def distill(
             ``nonfinite="skip"`` continues from there.
     """
     _check_experts(experts, config)
+    is_main = process_group is None or dist.get_rank(group=process_group) == 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    saved = None
+    if path is not None:  # every rank reads it, and all agree, before any other collective
+        if is_main:
+            remove_stale_temporaries(path.parent, path.name)
+        experts_id = experts_id or experts_fingerprint(experts)
+        ident = experts_id
+        saved = agree_on_checkpoint(
+            path, lambda p: check_checkpoint(p, config, ident), process_group
+        )
     channels, height, width = train_images.shape[1:]
     network = get_network(
         config.model,
@@ -278,13 +319,13 @@ def distill(
             "process_group yet: run it in one process"
         )
     images, labels, fixed_images, fixed_labels = _split_fixed(config, images, labels)
+    whole_shapes = {"images": images.shape, "labels": labels.shape}
     initial_norm = float(images.norm())
     initial_images = _joined(images, fixed_images, num_classes).detach().cpu().clone()
     initial_labels = _joined(labels, fixed_labels, num_classes).detach().cpu().clone()
     if fixed_images is not None and fixed_labels is not None:
         fixed_images, fixed_labels = fixed_images.to(device), fixed_labels.to(device)
     shard = None if process_group is None else Shard.current(len(images), process_group)
-    is_main = process_group is None or dist.get_rank(group=process_group) == 0
     if shard is not None:
         check_shardable(student.fresh_buffers())
         images, labels = shard.rows(images), shard.rows(labels)
@@ -328,13 +369,8 @@ def distill(
     }
     diagnostics = RunDiagnostics(initial_image_norm=initial_norm)
     start_iteration, seconds = 0, 0.0
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None:
-        if is_main:
-            remove_stale_temporaries(path.parent, path.name)
-        experts_id = experts_id or experts_fingerprint(experts)
-    saved = None if path is None else check_checkpoint(path, config, experts_id)
     if saved is not None:
+        _check_shapes(saved, path, whole_shapes)
         if saved.get("threads") != torch.get_num_threads():
             warnings.warn(
                 f"resuming {path} with {torch.get_num_threads()} threads, written with "
@@ -352,12 +388,12 @@ def distill(
             ema_state = map_rows(ema_state, shard.total, shard.rows)
         with torch.no_grad():
             images.copy_(saved["images"])
-            syn_lr.copy_(saved["syn_lr"])
+            syn_lr.copy_(saved["syn_lr"].reshape(()))
             labels.copy_(saved["labels"])
-        optimizer.load_state_dict(optimizer_state)
-        generator.set_state(saved["generator"])
+        _restore(path, "optimizer", optimizer.load_state_dict, optimizer_state)
         if ema is not None:
-            ema.load_state_dict(ema_state)
+            _restore(path, "ema", ema.load_state_dict, ema_state)
+        generator.set_state(saved["generator"])
         history = saved["history"]
         diagnostics = RunDiagnostics(**saved["diagnostics"])
         start_iteration, seconds = saved["iteration"], saved["seconds"]

@@ -96,3 +96,49 @@ def test_a_two_rank_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path: Path) -
         torch.set_num_threads(threads)
     assert _close(alone.images, whole["images"])
     assert _close(alone.labels, whole["labels"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_that_read_different_checkpoints_all_refuse_within_seconds(
+    tmp_path: Path, world: int
+) -> None:
+    """Issue 21.1: the last rank's copy is missing, older, or has other contents: every rank
+    raises the same CheckpointDisagreementError naming the file and the ranks, quickly (before,
+    the ranks hung in mismatched collectives or finished silently with other results); copies
+    that agree still resume bit-identically to the uninterrupted run."""
+    ranks = run_ranks(
+        world, "_resume_cases:disagreeing_checkpoints", tmp_path, timeout=300,
+        folder=str(tmp_path), method="datm", perturbation="satm", **SETTINGS,
+    )  # fmt: skip
+    last = world - 1
+    others = "ranks 0, 1" if world == 3 else "rank 0"
+    expected = {
+        "missing": f"rank {last}: no such file",
+        "older": f"rank {last}: iteration 0, SHA-256 ",
+        "different": "(same iteration as rank 0, different contents)",
+    }
+    for rank, got in enumerate(ranks):
+        for name, said in expected.items():
+            message = got[name]
+            assert message.startswith("CheckpointDisagreementError: the ranks did not read the "
+                                      "same checkpoint"), message  # fmt: skip
+            assert f"rank{rank}/{name}.pt" in message  # each rank names the file it was given
+            assert said in message, message
+            assert f"{others}: iteration 2, SHA-256 " in message, message
+            assert got[f"{name}_seconds"] < 60, got[f"{name}_seconds"]  # one all-gather
+        assert "(older than rank 0's)" in got["older"]
+        for key in ("images", "labels"):  # the agreeing copies resume bit-identically
+            assert torch.equal(got[key], got[f"whole_{key}"]), key
+        for key in ("syn_lr", "losses"):  # [resumed, uninterrupted]
+            assert torch.equal(got[key][0], got[key][1]), key
+
+
+def test_agree_on_checkpoint_with_a_users_own_loader(tmp_path: Path) -> None:
+    ranks = run_ranks(3, "_resume_cases:agreement", tmp_path, timeout=180, folder=str(tmp_path))
+    for got in ranks:
+        assert got["all-missing"] == "none"
+        assert got["same"] == "iteration 3"
+        assert "ranks 0, 1: iteration 3" in got["newer-on-last"]
+        assert "rank 2: iteration 5, SHA-256" in got["newer-on-last"]
+        assert "(newer than rank 0's)" in got["newer-on-last"]
+        assert set(got["newer-on-last_readings"]) == {0, 1, 2}
