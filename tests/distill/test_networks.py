@@ -413,3 +413,17 @@ def test_instance_norm_variants_have_live_gradients_on_8x8(cls: type[nn.Module])
     for pname, p in net.named_parameters():
         assert p.grad is not None, pname
         assert p.grad.abs().sum() > 0, pname
+
+
+def test_the_old_import_path_still_holds_every_name() -> None:
+    """The split into `distill.nets` keeps `distill.networks` working: every name it exported
+    before is there and is the object its new module defines."""
+    from sharp_bilevel.distill import networks
+    from sharp_bilevel.distill.nets import blocks, convnet, convstack, mlp, registry, resnet
+
+    homes = (blocks, convnet, convstack, mlp, registry, resnet)
+    for name in networks.__all__:
+        owners = [m for m in homes if name in vars(m) and not name.startswith("_")]
+        assert owners, name
+        assert getattr(networks, name) is getattr(owners[0], name), name
+    assert set(networks.__all__) >= {"ConvNet", "get_network", "NORMS", "BasicBlock"}
