@@ -13,22 +13,39 @@ The protocol of MTT's ``evaluate_synset`` (FTD and DATM reuse it):
 
 Unlike MTT, every random draw (shuffling, DSA) comes from a caller-owned ``torch.Generator``: a
 run is reproducible and the global RNG is never touched. Everything runs on ``device`` (any).
+
+The training loop and the test live in `sharp_bilevel.distill.synthetic_training`, the
+argument checks in `sharp_bilevel.distill.evaluation_checks`; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..trajectory.augment import DSAParams, apply_dsa, sample_dsa
+from ..trajectory.augment import DSAParams
 from .data import class_balanced_indices
+from .evaluation_checks import (
+    _DEFAULT_DSA,
+    _check_dsa,
+    _check_generator,
+    _check_hard_labels,
+    _check_images,
+    _check_lr,
+    _check_soft_labels,
+    _derived_seed,
+    _positive_int,
+)
 from .networks import available_networks, get_network
+from .synthetic_training import (
+    accuracy,
+    soft_cross_entropy,
+    train_on_synthetic,
+)
 
 __all__ = [
     "EvalResult",
@@ -39,271 +56,6 @@ __all__ = [
     "soft_cross_entropy",
     "train_on_synthetic",
 ]
-
-_DEFAULT_DSA = DSAParams()
-_MASK64 = (1 << 64) - 1
-
-# --------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_lr(lr: object) -> float:
-    """``lr`` as a float; a learned ``syn_lr`` (one-element tensor) is accepted."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a number or a one-element tensor, got shape {lr.shape}")
-        value = float(lr.detach().reshape(()).item())
-    elif isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise ValueError(f"lr must be a real number, got {type(lr).__name__}")
-    else:
-        value = float(lr)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(
-            f"lr must be finite and > 0, got {value!r} (a learned syn_lr that went negative or "
-            "non-finite cannot train a network)"
-        )
-    return value
-
-
-def _non_negative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and v >= 0.0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
-
-
-def _check_images(name: str, images: object) -> Tensor:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[0] < 1:
-        raise ValueError(f"{name} must be [n, C, H, W] with n >= 1, got {list(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {images.dtype}")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError(f"{name} contains non-finite values")
-    return images
-
-
-def _check_hard_labels(name: str, labels: object, n: int, num_classes: int | None) -> Tensor:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        hint = " (for [n, classes] logits pass soft_labels=True)" if labels.dim() == 2 else ""
-        raise ValueError(
-            f"{name} must be [{n}] class indices (one per image), got {list(labels.shape)}{hint}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must hold integer class indices, got {labels.dtype} (soft labels are "
-            "[n, classes] logits with soft_labels=True)"
-        )
-    if num_classes is not None and n > 0:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), "
-                f"got values in [{lo}, {hi}]"
-            )
-    return labels
-
-
-def _check_soft_labels(name: str, labels: object, n: int, num_classes: int | None) -> Tensor:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(labels).__name__}")
-    k = labels.shape[1] if labels.dim() == 2 else -1
-    if labels.dim() != 2 or labels.shape[0] != n or (num_classes is not None and k != num_classes):
-        want = f"[{n}, {num_classes if num_classes is not None else 'classes'}]"
-        raise ValueError(
-            f"{name} (soft labels) must be logits of shape {want}, got {list(labels.shape)}"
-        )
-    if not labels.is_floating_point():
-        raise ValueError(f"{name} (soft labels) must be floating point logits, got {labels.dtype}")
-    if not bool(torch.isfinite(labels).all()):
-        raise ValueError(f"{name} (soft labels) contains non-finite values")
-    return labels
-
-
-def _check_generator(generator: object) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    return generator
-
-
-def _check_dsa(dsa: object) -> DSAParams | None:
-    if dsa is not None and not isinstance(dsa, DSAParams):
-        raise TypeError(f"dsa must be a DSAParams or None, got {type(dsa).__name__}")
-    return dsa
-
-
-def _network_device_dtype(network: nn.Module, fallback: Tensor) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of ``network``'s first parameter (else ``fallback``'s)."""
-    for p in network.parameters():
-        dtype = p.dtype if p.is_floating_point() else fallback.dtype
-        return p.device, dtype
-    return fallback.device, fallback.dtype
-
-
-def _splitmix64(x: int) -> int:
-    """One step of SplitMix64: a well-mixed 64-bit function of ``x``."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _derived_seed(seed: int, stream: int) -> int:
-    """A seed for random stream ``stream`` of run ``seed``, unrelated to ``seed`` itself.
-
-    ``get_network`` seeds the initialisation with ``seed``; the shuffling/DSA generator (stream
-    0) and the real-subset generator (stream 1) must not replay those draws.
-    """
-    return _splitmix64((_splitmix64(seed & _MASK64) + stream) & _MASK64)
-
-
-# --------------------------------------------------------------------------------------------
-# training and testing
-
-
-def _last_full_lr_epoch(epochs: int) -> int:
-    """0-based index of the last pass at the full lr: ``(epochs - 1) // 2 + 1``."""
-    return (epochs - 1) // 2 + 1
-
-
-def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
-    """``-(1/B) sum_b sum_k softmax(t_b)_k log softmax(z_b)_k`` for ``z, t`` both ``[B, K]``."""
-    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-def train_on_synthetic(
-    network: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    lr: float | Tensor,
-    epochs: int,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    dsa: DSAParams | None = _DEFAULT_DSA,
-    soft_labels: bool = False,
-    generator: torch.Generator,
-    device: torch.device | str | None = None,
-) -> nn.Module:
-    """Train ``network`` in place on ``(images, labels)`` as MTT's ``evaluate_synset`` does.
-
-    Pass ``e = 0, ..., epochs - 1``: a permutation of the ``n`` images from ``generator``, cut
-    into consecutive minibatches of ``batch_size`` (the last may be smaller); per minibatch
-    one DSA draw from ``generator`` (unless ``dsa`` is None), the loss, one SGD step.
-    Passes ``e <= (epochs - 1) // 2 + 1`` run at ``lr``, later ones at ``0.1 lr`` with a fresh
-    SGD (momentum buffers reset). MTT loops over ``range(E + 1)`` for ``epoch_eval_train = E``
-    and decays after its pass ``E // 2 + 1``, so ``epochs = E + 1`` is MTT's schedule exactly.
-
-    Args:
-        network: maps ``[B, C, H, W] -> [B, classes]``; moved to ``device`` if given; the
-            images are cast to its parameters' dtype.
-        images: ``[n, C, H, W]`` (detached; not modified).
-        labels: ``[n]`` class indices (cross-entropy), or with ``soft_labels`` DATM's
-            ``[n, classes]`` logits (soft cross-entropy against ``softmax(labels)``).
-        lr: the initial learning rate (float or one-element tensor, e.g. the learned ``syn_lr``).
-        epochs: passes over the data.
-        batch_size: minibatch size (MTT's 256).
-        momentum: SGD momentum (MTT's 0.9).
-        weight_decay: SGD weight decay (MTT's 5e-4).
-        dsa: DSA strengths (default: MTT's ``DSAParams()``), or None for no augmentation.
-        soft_labels: whether ``labels`` are logits.
-        generator: the only source of randomness (shuffling, DSA).
-        device: where to train; default: where ``network``'s parameters are.
-
-    Returns:
-        ``network``, trained, in train mode. A diverging run is not an error here: its test
-        accuracy reports it.
-
-    Raises:
-        ValueError: ``lr`` not finite and > 0, or a bad argument (named in the message).
-    """
-    lr_value = _check_lr(lr)
-    epochs = _positive_int("epochs", epochs)
-    batch_size = _positive_int("batch_size", batch_size)
-    momentum = _non_negative("momentum", momentum)
-    weight_decay = _non_negative("weight_decay", weight_decay)
-    dsa = _check_dsa(dsa)
-    generator = _check_generator(generator)
-    if not isinstance(network, nn.Module):
-        raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
-    images = _check_images("images", images)
-    n = int(images.shape[0])
-    if soft_labels:
-        labels = _check_soft_labels("labels", labels, n, None)
-    else:
-        labels = _check_hard_labels("labels", labels, n, None)
-
-    if device is not None:
-        network.to(device)
-    dev, dtype = _network_device_dtype(network, images)
-    x_all = images.detach().to(device=dev, dtype=dtype)
-    y_all = labels.detach().to(dev, dtype=dtype) if soft_labels else labels.detach().to(dev).long()
-    size = (int(images.shape[2]), int(images.shape[3]))
-
-    def new_sgd(rate: float) -> torch.optim.SGD:
-        return torch.optim.SGD(
-            network.parameters(), lr=rate, momentum=momentum, weight_decay=weight_decay
-        )
-
-    network.train()
-    last_full = _last_full_lr_epoch(epochs)
-    rate = lr_value
-    optimizer = new_sgd(rate)
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device).to(dev)
-        for idx in torch.split(order, batch_size):
-            x = x_all[idx]
-            if dsa is not None:
-                x = apply_dsa(x, sample_dsa(int(idx.numel()), size, dsa, generator), dsa)
-            out = network(x)
-            y = y_all[idx]
-            loss = soft_cross_entropy(out, y) if soft_labels else F.cross_entropy(out, y)
-            optimizer.zero_grad()
-            torch.autograd.backward(loss)
-            optimizer.step()
-        if epoch == last_full:
-            rate *= 0.1
-            optimizer = new_sgd(rate)
-    return network
-
-
-def accuracy(network: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Fraction of ``images`` (``[n, C, H, W]``) whose argmax logit equals ``labels`` (``[n]``).
-
-    Runs in eval mode without grad, ``batch_size`` images at a time on ``network``'s device
-    (the data may live elsewhere); the network's train/eval mode is restored afterwards.
-    """
-    if not isinstance(network, nn.Module):
-        raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
-    images = _check_images("images", images)
-    n = int(images.shape[0])
-    labels = _check_hard_labels("labels", labels, n, None)
-    batch_size = _positive_int("batch_size", batch_size)
-    dev, dtype = _network_device_dtype(network, images)
-    was_training = network.training
-    network.eval()
-    correct = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                x = images[start : start + batch_size].to(device=dev, dtype=dtype)
-                y = labels[start : start + batch_size].to(dev)
-                correct += int((network(x).argmax(dim=1) == y).sum().item())
-    finally:
-        network.train(was_training)
-    return correct / n
 
 
 # --------------------------------------------------------------------------------------------
