@@ -64,9 +64,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
     ``g``: the unperturbed baseline through the same class.
 
     Whatever happens (the closure raises, a non-finite loss or gradient, a ``skip_if`` gate, a
-    zero gradient, a base optimizer's step hook raises, Ctrl-C), the parameters and the state
-    (base optimizer's, rule's, counters) end either exactly as before the step or exactly
-    stepped; never perturbed, never mixed.
+    zero gradient, a base optimizer's step hook raises, Ctrl-C or another signal handler
+    raises), the parameters and the state (base optimizer's, rule's, counters) end either
+    exactly as before the step or exactly stepped; never perturbed, never mixed.
 
     Args:
         params: tensors or param groups, as for any ``torch.optim`` optimizer. A group may set
@@ -278,9 +278,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         The step is all or nothing: if it raises (in the closure, the rule, ``skip_if``, a step
         hook of the base optimizer, ``NonFiniteError``), the parameters, the base optimizer's
         state, the rule state, the counters and the noise generator are left exactly as before
-        it. A Ctrl-C (SIGINT, main thread) interrupts the closure and user hooks as usual, but
-        waits while the step updates parameters and state, and arrives as soon as they are
-        consistent again.
+        it. A signal with a Python handler (Ctrl-C's SIGINT, a SIGTERM or SIGALRM handler that
+        raises; main thread) interrupts the closure and user hooks as usual, but waits while
+        the step updates parameters and state, and arrives as soon as they are consistent
+        again (`sharp_bilevel.optim.signals`).
 
         Args:
             closure: recomputes the outer loss, fills ``.grad`` (``backward()`` or assignment)
