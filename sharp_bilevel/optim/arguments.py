@@ -194,4 +194,8 @@ def _takes_context(closure: Closure) -> bool:
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
         inspect.Parameter.VAR_POSITIONAL,
     )
-    return any(p.kind in positional for p in signature.parameters.values())
+    # A loop, not any(genexpr): a signal landing in a generator's finaliser would be swallowed.
+    for parameter in signature.parameters.values():  # noqa: SIM110
+        if parameter.kind in positional:
+            return True
+    return False

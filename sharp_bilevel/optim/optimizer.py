@@ -392,12 +392,8 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             stepped = True
             return loss
         except NonFiniteError:  # raised on every rank alike, after an agreement
-            if rng is not None:
-                self._noise_generator.set_state(rng)
             raise
         except BaseException as err:
-            if rng is not None:
-                self._noise_generator.set_state(rng)
             if self._layout is None or isinstance(err, DistributedStepError):
                 raise
             # Other ranks may be waiting in a collective this rank will never join: shut the
@@ -409,8 +405,10 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 f"({type(err).__name__}: {err}); every rank restored its pre-step values"
             ) from err
         finally:
-            if not stepped:
+            if not stepped:  # raised or skipped: a skipped step draws no noise either
                 _copy_into(perturbed, saved)
+                if rng is not None:
+                    self._noise_generator.set_state(rng)
 
     def _second_pass(
         self,
@@ -500,8 +498,9 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
             options=self.closure_options,
             loss_scale=self._loss_scale(),
         )
+        takes_context = _takes_context(closure)
         with torch.enable_grad(), shield.open():
-            loss = closure(context) if _takes_context(closure) else closure()
+            loss = closure(context) if takes_context else closure()
         if loss is None:
             raise TypeError(
                 "the closure must return the loss (a scalar tensor or a number), got None"
