@@ -9,6 +9,7 @@ of them are the class docstring, the API reference."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -29,7 +30,7 @@ from .arguments import (
 from .checks import _check_pass
 from .context import ASCENT, DESCENT, Phase, StepContext, StepReport
 from .distributed import DistributedStepError, RankLayout
-from .errors import NonFiniteError
+from .errors import NoGradientWarning, NonFiniteError
 from .perturbations.base import PerturbationRule, RuleState, is_number
 from .perturbations.registry import get_perturbation
 from .reductions import centralized
@@ -294,6 +295,16 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
                 when it returns True the step is skipped with nothing perturbed left behind and
                 counted in ``skipped_steps["gate"]``.
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(
+                "step(closure=...) must be a callable that recomputes the loss, calls backward() "
+                f"and returns the loss (or None), got {type(closure).__name__}"
+            )
+        if skip_if is not None and not callable(skip_if):
+            raise TypeError(
+                f"step(skip_if=...) must be a callable on the loss or None, got "
+                f"{type(skip_if).__name__}"
+            )
         if closure is None and self._loss_scale() != 1.0:
             raise ValueError(
                 "step() needs a closure with a grad_scaler: the optimizer unscales what each "
@@ -504,6 +515,14 @@ class SharpBilevelOptimizer(torch.optim.Optimizer):
         if loss is None:
             raise TypeError(
                 "the closure must return the loss (a scalar tensor or a number), got None"
+            )
+        perturbed = self._perturbed_params()
+        if any(p.numel() for p in perturbed) and all(p.grad is None for p in perturbed):
+            warnings.warn(
+                f"the closure's {phase} pass left no gradient on any perturbed parameter (did "
+                "it call loss.backward()?); the step uses zero gradients for them",
+                NoGradientWarning,
+                stacklevel=4,
             )
         if context.loss_scale != 1.0:  # a power of two: dividing is exact
             for p in params:
