@@ -17,7 +17,7 @@ from .distill.networks import available_networks, get_network
 from .distill.zca import ZCA
 from .optim.context import ASCENT, DESCENT, StepContext, StepReport
 from .optim.distributed import DistributedStepError
-from .optim.errors import NonFiniteError
+from .optim.errors import NoGradientWarning, NonFiniteError
 from .optim.optimizer import SharpBilevelOptimizer
 from .optim.perturbations import (
     ASAM,
@@ -65,6 +65,7 @@ __all__ = [
     "FriendlySAM",
     "FunctionalStudent",
     "LookSAM",
+    "NoGradientWarning",
     "NoPerturbation",
     "NonFiniteError",
     "PerturbationRule",

@@ -4,7 +4,7 @@ returns a loss and fills ``.grad`` is an outer objective."""
 
 from .context import ASCENT, DESCENT, StepContext, StepReport
 from .distributed import DistributedStepError, RankLayout
-from .errors import NonFiniteError
+from .errors import NoGradientWarning, NonFiniteError
 from .optimizer import SharpBilevelOptimizer
 from .smoothing import smoothing_noise
 
@@ -12,6 +12,7 @@ __all__ = [
     "ASCENT",
     "DESCENT",
     "DistributedStepError",
+    "NoGradientWarning",
     "NonFiniteError",
     "RankLayout",
     "SharpBilevelOptimizer",

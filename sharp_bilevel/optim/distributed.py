@@ -90,6 +90,23 @@ class RankLayout:
         totals = tuple(int(v) for v in table.sum(dim=0)[:-1])
         return cls(group, rank, world, tuple(bool(s) for s in sharded), offsets, totals)
 
+    @classmethod
+    def for_groups(cls, group: Any, param_groups: Sequence[dict[str, Any]]) -> RankLayout:
+        """The layout of the perturbed tensors of ``param_groups`` (``"sharded"`` defaults to
+        False in each group; it must be a bool)."""
+        perturbed, flags = [], []
+        for i, param_group in enumerate(param_groups):
+            param_group.setdefault("sharded", False)
+            sharded = param_group["sharded"]
+            if not isinstance(sharded, bool):
+                raise ValueError(
+                    f"param group {i}'s sharded must be True or False, got {sharded!r}"
+                )
+            if param_group["perturb"]:
+                perturbed += list(param_group["params"])
+                flags += [sharded] * len(param_group["params"])
+        return cls.build(group, perturbed, flags)
+
     def weight(self, position: int) -> float:
         """Share of tensor ``position``'s local sum in the global sum (replicated: rank 0 only)."""
         return 1.0 if self.sharded[position] or self.rank == 0 else 0.0

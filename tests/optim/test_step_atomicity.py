@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import signal
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -240,3 +242,72 @@ def test_steps_off_the_main_thread_or_with_sigint_ignored_leave_the_handler_alon
     twin.step(twin_closure)
     twin.step(twin_closure)
     assert _same(_snapshot(opt, params), _snapshot(twin, twin_params))
+
+
+class Preempted(Exception):
+    """Raised by a SIGTERM or SIGALRM handler, as a scheduler's preemption handler might."""
+
+
+def _raise_preempted(signum, frame):
+    raise Preempted(signum)
+
+
+@pytest.mark.parametrize("kind", ["SIGTERM", "SIGALRM"])
+def test_sigterm_and_sigalrm_handlers_that_raise_see_an_all_or_nothing_step(kind):
+    """A real signal (os.kill for SIGTERM, an interval timer for SIGALRM) sent at many lines of
+    a step; its handler raises. Before the shield covered every signal, one landing after the
+    base step left the images restored but momentum, the learned lr and the counter stepped."""
+    signum = getattr(signal, kind)
+    timer = signal.getitimer(signal.ITIMER_REAL)  # pytest-timeout's, put back below
+    previous = signal.signal(signum, _raise_preempted)
+
+    def send():
+        if kind == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            signal.setitimer(signal.ITIMER_REAL, 1e-5)
+
+    class SendAt(_InterruptAt):
+        def __call__(self, frame, event, arg):
+            if event == "line":
+                self.lines += 1
+                if self.lines == self.n:
+                    send()
+            return self
+
+    try:
+        opt, params, closure = _build("adam")
+        opt.step(closure)
+        pre = _snapshot(opt, params)
+        opt.step(closure)
+        stepped = _snapshot(opt, params)
+        opt, params, closure = _build("adam")
+        opt.step(closure)
+        lines, _ = _traced_step(opt, closure, 0)
+        outcomes = {"pre": 0, "stepped": 0}
+        for n in range(1, lines + 1, 5):
+            opt, params, closure = _build("adam")
+            opt.step(closure)
+            tracer, raised = SendAt(n), False
+            sys.settrace(tracer)
+            try:
+                opt.step(closure)
+                sys.settrace(None)
+                time.sleep(0.05)  # a timer that fires after the step lands here
+            except Preempted:
+                raised = True
+            finally:
+                sys.settrace(None)
+            assert raised, f"the {kind} sent at line {n} was lost"
+            assert signal.getsignal(signum) is _raise_preempted
+            now = _snapshot(opt, params)
+            if _same(now, pre):
+                outcomes["pre"] += 1
+            else:
+                assert _same(now, stepped), f"a {kind} at line {n} of {lines} left a mixed state"
+                outcomes["stepped"] += 1
+        assert outcomes["pre"] > 0
+        assert outcomes["stepped"] > 0
+    finally:
+        signal.signal(signum, previous)
+        signal.setitimer(signal.ITIMER_REAL, *timer)
