@@ -356,12 +356,14 @@ def _validate_optimizer(
 def _validate_diagnostics(value: Any, bad: Callable[[str, str], CheckpointContentError]) -> None:
     from .diagnostics import RunDiagnostics
 
-    names = {f.name for f in dataclasses.fields(RunDiagnostics)}
+    fields = dataclasses.fields(RunDiagnostics)
+    names = {f.name for f in fields}
+    optional = {f.name for f in fields if f.default is None}  # e.g. loss_scale without a scaler
     if not isinstance(value, dict) or set(value) - names:
         got = sorted(value) if isinstance(value, dict) else _describe(value)
         raise bad("diagnostics", f"must be a dict with the keys {sorted(names)}, got {got}")
     for key, number in value.items():
-        if not _is_real(number):
+        if not _is_real(number) and not (number is None and key in optional):
             raise bad(f"diagnostics.{key}", f"must be a finite number, got {_describe(number)}")
 
 

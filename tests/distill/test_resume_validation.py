@@ -104,6 +104,11 @@ BROKEN: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "optimizer-other-rule": (_set("optimizer.sharp_bilevel.perturbation", "GSAM"), "optimizer"),
     "history-short": (_short_history, "history.loss"),
     "diagnostics-unknown": (_set("diagnostics", {"bogus": 1}), "diagnostics"),
+    "diagnostics-text": (_set("diagnostics.loss_scale", "big"), "diagnostics.loss_scale"),
+    "diagnostics-none-count": (
+        _set("diagnostics.nonfinite_skipped", None),
+        "diagnostics.nonfinite_skipped",
+    ),
     "negative-seconds": (_set("seconds", -1.0), "seconds"),
     "ema-not-a-dict": (_set("ema", [1]), "ema"),
     "not-a-dict": (lambda s: s.clear(), "config"),
