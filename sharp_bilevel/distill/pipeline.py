@@ -6,6 +6,10 @@ DATM's ramping window), build the
 ``(w*_t, w*_{t+M})``, take one ``SharpBilevelOptimizer`` step (DATM: gated by ``threshold``),
 update FTD's image average. Every random choice comes from one generator whose
 state is checkpointed with everything else, so a resumed run continues bit-identically.
+
+About 500 lines because the loop and its resume checks (ranks agreeing on the checkpoint, the
+checkpoint's fields against this run) sit together; when gradient and distribution matching
+join the pipeline, the trajectory-matching iteration moves into a module of its own.
 """
 
 from __future__ import annotations
