@@ -57,6 +57,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     previous = os.umask(UMASK)
     try:
         with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", "1")  # the thread-choice test reads this reason
             for name in ("save_curves", "save_accuracy_chart"):
                 mp.setattr(cli, name, recording(name, getattr(cli, name)))
             assert cli.main([*ARGS, "--out", str(out)]) == 0
@@ -99,7 +100,7 @@ def test_report_config_is_what_ran_with_the_preset_noted(run: Run) -> None:
 def test_report_says_which_thread_count_and_why(run: Run) -> None:
     choice = run.report["thread_choice"]
     assert choice["threads"] == run.report["threads"] >= 1
-    assert choice["reason"] == "OMP_NUM_THREADS=1 in the environment"  # the suite sets it
+    assert choice["reason"] == "OMP_NUM_THREADS=1 in the environment"  # the fixture sets it
 
 
 def test_every_file_takes_the_umask(run: Run) -> None:
